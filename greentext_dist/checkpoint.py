@@ -1,0 +1,183 @@
+"""Checkpoints: OUT/checkpoints/step-N/ is a loadable HF GPT-2 directory with the resumable state in train_state/.
+
+A save is written to a hidden temporary folder, fsynced, given a manifest (sizes + sha256),
+then renamed into place; `latest` moves only after the rename. A crash mid-save leaves the
+previous checkpoints untouched, and a folder without a valid manifest is never resumed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from greentext_dist.dist import barrier
+from greentext_dist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+TRAIN_STATE = "train_state"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+            files[str(p.relative_to(folder))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    for d in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
+        _fsync_dir(d)
+    atomic_write_text(folder / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def verify(folder: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return "no valid manifest (the save did not finish)"
+    for rel, meta in files.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != meta["bytes"]:
+            return f"{rel} has {p.stat().st_size} bytes, expected {meta['bytes']}"
+        if _sha256(p) != meta["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def find_resumable(root: Path) -> Path | None:
+    """Newest intact checkpoint; a damaged newer one is reported and skipped, never silently ignored."""
+    for step, path in reversed(step_dirs(root)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning(f"checkpoint {path} is unusable: {problem}; falling back to an older one")
+    return None
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return find_resumable(root)
+    path = Path(resume)
+    if STEP_DIR.match(path.name) is None and (path / "checkpoints").is_dir():
+        found = find_resumable(path / "checkpoints")  # a run folder was given
+        if found is None:
+            raise UserError(f"--resume {resume} holds no intact checkpoint", "pass a checkpoints/step-N folder, or --resume never")
+        return found
+    if not path.is_dir():
+        raise UserError(f"--resume {resume} does not exist", "pass OUT/checkpoints/step-N, auto or never")
+    problem = verify(path)
+    if problem:
+        raise UserError(f"checkpoint {resume} is unusable: {problem}", "resume from an older step-N folder")
+    return path
+
+
+def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, tokenizer, keep_last: int, max_shard_size: str) -> Path:
+    """Collective: every rank calls it. Returns the final folder."""
+    env = engine.env
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / TRAIN_STATE).mkdir(parents=True)
+    barrier()
+    engine.export_hf(tmp, max_shard_size)
+    engine.save_state(tmp / TRAIN_STATE)
+    torch.save(rng_state(), tmp / TRAIN_STATE / f"rng-rank{env.rank}.pt")
+    barrier()
+    if env.is_main:
+        tokenizer.save_pretrained(tmp)
+        (tmp / TRAIN_STATE / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+        write_manifest(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        atomic_write_text(root / "latest", final.name + "\n")
+        for _, old in step_dirs(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def publish_final(ckpt: Path, dest: Path) -> None:
+    """OUT/final: the HF files of the last checkpoint (hard links where possible), without training state."""
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for p in ckpt.iterdir():
+        if p.is_file() and p.name != MANIFEST:
+            try:
+                os.link(p, tmp / p.name)
+            except OSError:
+                shutil.copy2(p, tmp / p.name)
+    write_manifest(tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / TRAIN_STATE / "trainer.json").read_text())
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def load_rng_state(ckpt: Path, rank: int) -> bool:
+    path = ckpt / TRAIN_STATE / f"rng-rank{rank}.pt"
+    if not path.is_file():
+        return False
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True

@@ -1,0 +1,193 @@
+"""One typed config tree. Defaults < `--config FILE` (TOML or JSON, one table per section) < CLI flags.
+
+Every field is a flat CLI flag (`lr` -> `--lr`, `micro_batch_size` -> `--micro-batch-size`),
+so field names are unique across sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from greentext_dist.errors import UserError
+
+
+def _f(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    model: str = _f("small", "GPT-2 size", ["tiny", "small", "medium", "large", "xl"])
+    init: str | None = _f(None, "pretrained|scratch (default: pretrained, scratch for tiny)", ["pretrained", "scratch"])
+    model_path: str | None = _f(None, "local HF GPT-2 directory to start from (overrides --model's hub id)")
+    tokenizer: str = _f("gpt2", "tokenizer hub id or local directory")
+    dropout: float = _f(0.1, "dropout on embeddings, attention and residuals")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("DarwinAnim8or/greentext", "hub id, local file (.jsonl .json .txt .parquet .csv) or directory")
+    text_field: str | None = _f(None, "column holding the post (default: text, or prompt+completion)")
+    val_dataset: str | None = _f(None, "separate validation set (default: hold out --val-fraction of posts)")
+    val_fraction: float = _f(0.05, "share of posts held out for validation, chosen by a hash of the post")
+    seq_len: int = _f(1024, "tokens per packed training row")
+    shuffle_buffer: int = _f(10_000, "posts in the seeded shuffle buffer")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(2.5e-4, "peak learning rate")
+    min_lr: float = _f(2.5e-5, "learning rate at the end of cosine decay")
+    warmup_steps: int | None = _f(None, "linear warmup steps (default: 5%% of the run)")
+    weight_decay: float = _f(0.01, "AdamW weight decay, applied to tensors of 2+ dimensions only")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 disables)")
+
+
+@dataclass
+class TrainConfig:
+    backend: str = _f("auto", "engine", ["auto", "ddp", "zero2", "zero3", "fsdp"])
+    global_batch_size: int = _f(512, "sequences per optimizer step, over all ranks and accumulation")
+    micro_batch_size: int = _f(8, "sequences per forward pass per rank")
+    max_steps: int | None = _f(None, "optimizer steps to run (overrides --epochs)")
+    epochs: float | None = _f(None, "passes over the training data (default 3 when --max-steps is unset)")
+    halt_at_step: int | None = _f(None, "stop after this step with a checkpoint, keeping the schedule of the full run")
+    precision: str = _f("bf16", "bf16 autocast with fp32 master weights, or fp32", ["bf16", "fp32"])
+    seed: int = _f(1337, "seed for init, dropout and data order")
+    log_every: int = _f(1, "steps between metric lines")
+    eval_every: int = _f(50, "steps between validation passes (0: only at the end)")
+    eval_batches: int | None = _f(None, "cap on validation micro-batches per rank (default: all)")
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = _f("out", "run folder: checkpoints/, final/, metrics.jsonl")
+    save_every: int = _f(0, "steps between checkpoints (0: only at the end)")
+    keep_last: int = _f(2, "checkpoints to keep")
+    max_shard_size: str = _f("2GB", "largest safetensors shard")
+    resume: str = _f("auto", "auto (newest checkpoint in output dir), never, or a checkpoint path")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_types(section_cls) -> dict:
+    hints = typing.get_type_hints(section_cls)
+    out = {}
+    for name, tp in hints.items():
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        out[name] = args[0] if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else tp
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="greentext_dist.train",
+        description="Fine-tune GPT-2 on greentext with DDP, DeepSpeed ZeRO or FSDP.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default=None, help="TOML or JSON file with [model] [data] [optim] [train] [checkpoint] tables")
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        group = p.add_argument_group(section.name)
+        types_ = _field_types(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            tp = types_[f.name]
+            kw = dict(dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS, help=f.metadata["help"])
+            if tp is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            else:
+                kw["type"] = tp
+                kw["metavar"] = tp.__name__.upper()
+                if f.metadata.get("choices"):
+                    kw["choices"] = f.metadata["choices"]
+                    kw.pop("metavar")
+            group.add_argument(flag, **kw)
+    return p
+
+
+def _apply(cfg: Config, section: str, name: str, value, source: str) -> None:
+    sec = getattr(cfg, section, None)
+    if sec is None or name not in {f.name for f in dataclasses.fields(sec)}:
+        raise UserError(f"{source}: unknown setting '{section}.{name}'", "check the spelling against `--help`")
+    tp = _field_types(type(sec))[name]
+    if value is not None and tp is float and isinstance(value, int):
+        value = float(value)
+    if value is not None and not isinstance(value, tp):
+        raise UserError(f"{source}: '{section}.{name}' must be {tp.__name__}, got {value!r}", f"write a {tp.__name__}")
+    setattr(sec, name, value)
+
+
+def load_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist", "pass an existing .toml or .json file to --config")
+    text = p.read_text()
+    try:
+        return tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"config file {path} is not valid {p.suffix[1:].upper() or 'JSON'}: {e}", "fix the syntax") from None
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    args = build_parser().parse_args(argv)
+    cfg = Config()
+    if args.config:
+        for section, values in load_file(args.config).items():
+            if not isinstance(values, dict):
+                raise UserError(f"{args.config}: '{section}' must be a table of settings", "see the README's config example")
+            for name, value in values.items():
+                _apply(cfg, section, name, value, args.config)
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".")
+            setattr(getattr(cfg, section), name, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    positive = {
+        "--global-batch-size": t.global_batch_size, "--micro-batch-size": t.micro_batch_size,
+        "--seq-len": d.seq_len, "--lr": o.lr, "--log-every": t.log_every, "--shuffle-buffer": d.shuffle_buffer,
+        "--keep-last": cfg.checkpoint.keep_last,
+    }
+    for flag in ("max_steps", "epochs", "halt_at_step", "eval_batches"):
+        if getattr(t, flag) is not None:
+            positive["--" + flag.replace("_", "-")] = getattr(t, flag)
+    for flag, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{flag} must be positive, got {value}", f"pass a value above 0 to {flag}")
+    for flag, value in {"--min-lr": o.min_lr, "--weight-decay": o.weight_decay, "--grad-clip": o.grad_clip,
+                        "--eval-every": t.eval_every, "--save-every": cfg.checkpoint.save_every,
+                        "--warmup-steps": o.warmup_steps or 0}.items():
+        if value < 0:
+            raise UserError(f"{flag} must not be negative, got {value}", f"pass 0 or more to {flag}")
+    if not 0 <= d.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {d.val_fraction}", "use e.g. 0.05")
+    if not 0 <= cfg.model.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.model.dropout}", "use e.g. 0.1")
+    if o.min_lr > o.lr:
+        raise UserError(f"--min-lr {o.min_lr} is above --lr {o.lr}", "lower --min-lr")
+    if cfg.model.model == "tiny" and cfg.model.init == "pretrained" and not cfg.model.model_path:
+        raise UserError("--model tiny has no pretrained weights", "use --init scratch, or --model-path DIR")

@@ -1,0 +1,235 @@
+"""Streamed posts -> GPT-2 tokens -> packed rows, resumable to the exact post and token.
+
+The packed stream is global and identical on every rank: rank r of W keeps rows r, r+W, r+2W, ...
+so a step's global batch is the same rows whatever the world size, and the saved position
+(epoch, posts read, packer buffer, rows) is the same on every rank and valid for any world size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from datasets import IterableDataset, load_dataset
+
+from greentext_dist.errors import UserError
+from greentext_dist.hub import hub_offline, is_local
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+# Hub repos that hold the same posts in several formats: pick one.
+KNOWN_DATA_FILES = {"DarwinAnim8or/greentext": "greentexts.jsonl"}
+IGNORE_INDEX = -100
+TOKENIZE_CHUNK = 64  # posts per batched tokenizer call (the Rust tokenizer parallelises within a call)
+
+DEMO_CORPUS = Path(__file__).parent / "data" / "demo_greentexts.jsonl"
+
+
+# ---------------------------------------------------------------- sources
+
+
+def open_dataset(name: str) -> IterableDataset:
+    """A streaming `datasets` view of a hub id, a local file or a local directory."""
+    if is_local(name):
+        path = Path(os.path.expanduser(name))
+        files = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file()) if path.is_dir() else [path]
+        if not files:
+            raise UserError(f"dataset folder {name} holds no {'/'.join(BUILDERS)} files", "point --dataset at a data file or a folder of them")
+        kinds = {BUILDERS.get(p.suffix) for p in files}
+        if None in kinds:
+            raise UserError(f"dataset {name} has unsupported type '{path.suffix}'", f"use one of {', '.join(BUILDERS)}")
+        if len(kinds) > 1:
+            raise UserError(f"dataset folder {name} mixes file types {sorted(kinds)}", "keep one type per folder")
+        empty = [str(p) for p in files if p.stat().st_size == 0]
+        if empty:
+            raise UserError(f"dataset file {empty[0]} is empty", "point --dataset at a file with posts")
+        builder = kinds.pop()
+        # .txt: one post per blank-line-separated paragraph, since greentext posts span several lines.
+        extra = {"sample_by": "paragraph"} if builder == "text" else {}
+        return load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True, **extra)
+    if name.count("/") > 1 or name.startswith((".", "/", "~")) or Path(name).suffix in BUILDERS:
+        raise UserError(f"dataset {name} does not exist", "check the path, or pass a hub id like DarwinAnim8or/greentext")
+    if hub_offline():
+        raise UserError(
+            f"dataset '{name}' is on the Hugging Face hub, which is unreachable",
+            f"download it elsewhere (huggingface-cli download --repo-type dataset {name} --local-dir DIR) and pass --dataset DIR",
+        )
+    return load_dataset(name, data_files=KNOWN_DATA_FILES.get(name), split="train", streaming=True)
+
+
+def text_getter(example: dict, text_field: str | None, source: str) -> Callable[[dict], str]:
+    """How to read a post from an example: --text-field, else `text`, else prompt + completion."""
+    if text_field:
+        if text_field not in example:
+            raise UserError(f"dataset {source} has no field '{text_field}' (fields: {', '.join(example)})", "pass one of those to --text-field")
+        return lambda ex: ex[text_field] or ""
+    if "text" in example:
+        return lambda ex: ex["text"] or ""
+    if "prompt" in example and "completion" in example:
+        return lambda ex: (ex["prompt"] or "") + (ex["completion"] or "")
+    raise UserError(
+        f"dataset {source} has no 'text' or 'prompt'+'completion' field (fields: {', '.join(example)})",
+        "pass --text-field NAME",
+    )
+
+
+def is_val_post(text: str, fraction: float) -> bool:
+    """Held-out membership by a stable hash of the post, so it never depends on order, seed or world size."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return h / 2**64 < fraction
+
+
+def first_example(ds: IterableDataset, source: str) -> dict:
+    try:
+        return next(iter(ds))
+    except StopIteration:
+        raise UserError(f"dataset {source} has no rows", "point --dataset at a file with posts") from None
+
+
+# ---------------------------------------------------------------- packing
+
+
+@dataclass
+class DataState:
+    epoch: int = 0
+    posts: int = 0  # examples read from this epoch's shuffled stream
+    buffer: list[int] = field(default_factory=list)  # packer tokens not yet emitted
+    rows: int = 0  # rows emitted since the start of the run
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PackedStream:
+    """Endless, epoch-reshuffled stream of (row of seq_len+1 tokens, state after that row).
+
+    Posts are tokenised on the fly and joined with <|endoftext|>. Row k holds stream tokens
+    [k*T, k*T+T]: consecutive rows share one token, so every token is a target exactly once.
+    A new epoch starts with an empty buffer: only the final partial row of an epoch is dropped.
+    """
+
+    def __init__(self, ds: IterableDataset, get_text, tokenizer, seq_len: int, *, seed: int,
+                 shuffle_buffer: int, keep: Callable[[str], bool] = lambda _: True, shuffle: bool = True):
+        self.ds, self.get_text, self.tok, self.T = ds, get_text, tokenizer, seq_len
+        self.seed, self.shuffle_buffer, self.keep, self.shuffle = seed, shuffle_buffer, keep, shuffle
+        self.eos = tokenizer.eos_token_id
+
+    def epoch_examples(self, epoch: int) -> Iterator[dict]:
+        if not self.shuffle:
+            return iter(self.ds)
+        ds = self.ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        ds.set_epoch(epoch)
+        return iter(ds)
+
+    def posts(self, epoch: int, skip: int) -> Iterator[tuple[int, list[int]]]:
+        """(examples read so far, tokens of the post + EOS) for the kept posts of one epoch."""
+        examples = itertools.islice(self.epoch_examples(epoch), skip, None)
+        n = skip
+        while chunk := list(itertools.islice(examples, TOKENIZE_CHUNK)):
+            texts, counts = [], []
+            for ex in chunk:
+                n += 1
+                text = self.get_text(ex).strip()
+                if text and self.keep(text):
+                    texts.append(text)
+                    counts.append(n)
+            ids = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+            for count, toks in zip(counts, ids):
+                yield count, toks + [self.eos]
+            if len(chunk) < TOKENIZE_CHUNK:
+                return
+
+    def rows(self, state: DataState, *, epochs: int | None = None) -> Iterator[tuple[list[int], DataState]]:
+        epoch, skip, buf, rows = state.epoch, state.posts, list(state.buffer), state.rows
+        T = self.T
+        while epochs is None or epoch < epochs:
+            emitted = False
+            for count, toks in self.posts(epoch, skip):
+                buf.extend(toks)
+                start = 0
+                while len(buf) - start >= T + 1:
+                    row = buf[start:start + T + 1]
+                    start += T
+                    rows += 1
+                    emitted = True
+                    yield row, DataState(epoch, count, buf[start:], rows)
+                del buf[:start]
+            if not emitted and skip == 0 and not buf:
+                raise UserError("the training data holds fewer than --seq-len + 1 tokens", "lower --seq-len or add data")
+            epoch, skip, buf = epoch + 1, 0, []
+
+
+def count_corpus(stream: PackedStream) -> dict:
+    """One pass over one epoch: posts, tokens (with EOS), rows. Order does not matter, so no shuffle."""
+    posts = tokens = 0
+    saved, stream.shuffle = stream.shuffle, False
+    try:
+        for _, toks in stream.posts(0, 0):
+            posts += 1
+            tokens += len(toks)
+    finally:
+        stream.shuffle = saved
+    rows = max(tokens - 1, 0) // stream.T
+    return {"posts": posts, "tokens": tokens, "rows": rows}
+
+
+# ---------------------------------------------------------------- batches
+
+
+def to_batch(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.tensor(rows, dtype=torch.long)
+    return t[:, :-1].to(device, non_blocking=True), t[:, 1:].to(device, non_blocking=True)
+
+
+class TrainLoader:
+    """Micro-batches for one rank. Each call reads micro x world rows of the global stream and keeps
+    this rank's share, so the state after a call is the same on every rank."""
+
+    def __init__(self, stream: PackedStream, state: DataState, micro: int, rank: int, world: int, device):
+        self.micro, self.rank, self.world, self.device = micro, rank, world, device
+        self.state = state
+        self._rows = stream.rows(state)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, DataState]:
+        mine = []
+        for _ in range(self.micro):
+            group = [next(self._rows) for _ in range(self.world)]
+            mine.append(group[self.rank][0])
+            self.state = group[-1][1]
+        x, y = to_batch(mine, self.device)
+        return x, y, self.state
+
+
+def val_rows(stream: PackedStream) -> list[list[int]]:
+    """All validation tokens in order, packed like training; the last partial row is padded, not dropped."""
+    buf: list[int] = []
+    for _, toks in stream.posts(0, 0):
+        buf.extend(toks)
+    T = stream.T
+    rows = [buf[i:i + T + 1] for i in range(0, max(len(buf) - 1, 0), T)]
+    return rows
+
+
+def val_batches(rows: list[list[int]], micro: int, rank: int, world: int, limit: int | None):
+    """This rank's validation batches. Every rank gets the same number of batches (sharded engines need
+    every rank in every forward); padding rows and positions carry IGNORE_INDEX targets."""
+    T = max((len(r) for r in rows), default=2) - 1
+    mine = rows[rank::world]
+    n_batches = -(-len(rows) // (world * micro))
+    if limit:
+        n_batches = min(n_batches, limit)
+    for b in range(n_batches):
+        chunk = mine[b * micro:(b + 1) * micro]
+        x = torch.full((micro, T), 0, dtype=torch.long)
+        y = torch.full((micro, T), IGNORE_INDEX, dtype=torch.long)
+        for i, r in enumerate(chunk):
+            r = torch.tensor(r, dtype=torch.long)
+            x[i, :len(r) - 1] = r[:-1]
+            y[i, :len(r) - 1] = r[1:]
+        yield x, y

@@ -1,0 +1,63 @@
+"""Single process and DistributedDataParallel: fp32 master weights, optional bf16 autocast."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from greentext_dist.dist import DistEnv
+
+
+class DDPEngine:
+    name = "ddp"
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, precision: str):
+        self.env, self.module, self.optimizer = env, model, optimizer
+        self.model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None) if env.distributed else model
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.env.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.model(input_ids=x, use_cache=False).logits
+
+    def accumulating(self, last: bool):
+        # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+        return self.model.no_sync() if self.env.distributed and not last else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DDP averages gradients over ranks; the loss is already normalised by the global token count.
+        (loss * self.env.world_size).backward()
+
+    def step(self, grad_clip: float) -> torch.Tensor:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def save_state(self, folder: Path) -> None:
+        # Weights live in the checkpoint's fp32 safetensors; only the optimizer needs saving here.
+        if self.env.is_main:
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load_state(self, folder: Path) -> None:
+        state = torch.load(folder / "optimizer.pt", map_location=self.env.device, weights_only=True)
+        self.optimizer.load_state_dict(state)
+
+    def export_hf(self, folder: Path, max_shard_size: str) -> None:
+        if self.env.is_main:
+            self.module.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
+
+
+def apply_ddp(model, optimizer, env: DistEnv, precision: str) -> DDPEngine:
+    return DDPEngine(model, optimizer, env, precision)

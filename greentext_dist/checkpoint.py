@@ -129,6 +129,8 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, tokenize
     engine.save_state(tmp / TRAIN_STATE)
     torch.save(rng_state(), tmp / TRAIN_STATE / f"rng-rank{env.rank}.pt")
     barrier()
+    if os.environ.get("GREENTEXT_TEST_CRASH_IN_SAVE"):  # fault injection for the tests: die mid-save
+        os._exit(17)
     if env.is_main:
         tokenizer.save_pretrained(tmp)
         (tmp / TRAIN_STATE / "trainer.json").write_text(json.dumps(trainer_state, indent=1))

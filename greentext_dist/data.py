@@ -149,9 +149,10 @@ class PackedStream:
         epoch, skip, buf, rows = state.epoch, state.posts, list(state.buffer), state.rows
         T = self.T
         while epochs is None or epoch < epochs:
-            emitted = False
-            for count, toks in self.posts(epoch, skip):
-                buf.extend(toks)
+            emitted, from_start = False, skip == 0 and not buf
+            posts, count = self.posts(epoch, skip), skip
+            while True:
+                # Drain first: a resumed buffer may already hold whole rows.
                 start = 0
                 while len(buf) - start >= T + 1:
                     row = buf[start:start + T + 1]
@@ -160,7 +161,11 @@ class PackedStream:
                     emitted = True
                     yield row, DataState(epoch, count, buf[start:], rows)
                 del buf[:start]
-            if not emitted and skip == 0 and not buf:
+                if (nxt := next(posts, None)) is None:
+                    break
+                count, toks = nxt
+                buf.extend(toks)
+            if not emitted and from_start:
                 raise UserError("the training data holds fewer than --seq-len + 1 tokens", "lower --seq-len or add data")
             epoch, skip, buf = epoch + 1, 0, []
 

@@ -1,0 +1,103 @@
+"""Sample greentexts from any HF GPT-2 directory (ours or the hub's).
+
+    python -m greentext_dist.generate out/final --prompt "be me model" --num-samples 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from rich.text import Text
+from transformers import GPT2LMHeadModel
+
+from greentext_dist.errors import UserError
+from greentext_dist.model import check_gpt2_dir
+from greentext_dist.tokenizer import load_tokenizer
+from greentext_dist.ui import console, fail
+
+
+def as_greentext(prompt: str) -> str:
+    """Prompts are written without '>': 'be me\\ngo outside' -> '>be me\\n>go outside'."""
+    return "\n".join(line if line.startswith(">") else ">" + line for line in prompt.split("\n"))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, *, num_samples: int = 4, max_new_tokens: int = 200, temperature: float = 0.8,
+             top_k: int = 50, top_p: float = 0.95, seed: int = 0, prefix: str | None = None, include_prefix: bool = True) -> list[str]:
+    """Batched sampling with the KV cache, stopping each sample at <|endoftext|>. Same seed, same samples."""
+    text = (prefix or "") + (as_greentext(prompt) if prompt else "")
+    # With no prompt, start from <|endoftext|>, as every post in training follows one.
+    ids = tokenizer.encode(text) if text else []
+    input_ids = torch.tensor([[tokenizer.eos_token_id] + ids] * num_samples, device=model.device)
+    torch.manual_seed(seed)
+    out = model.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), do_sample=temperature > 0, temperature=temperature or None,
+        top_k=top_k or None, top_p=top_p, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id, use_cache=True,
+    )
+    samples = []
+    for row in out[:, input_ids.shape[1]:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id)]
+        body = tokenizer.decode(row)
+        full = text + body
+        if not include_prefix and prefix:
+            full = full[len(prefix):]
+        samples.append(full)
+    return samples
+
+
+def show(samples: list[str]) -> None:
+    for i, s in enumerate(samples):
+        console.rule(f"sample {i + 1}", style="dim")
+        for line in s.split("\n"):
+            console.print(Text(line, style="green" if line.startswith(">") else ""))
+
+
+def load(ckpt: str, device: str | None = None):
+    check_gpt2_dir(ckpt, "checkpoint")
+    tok_source = ckpt if (Path(ckpt) / "tokenizer_config.json").exists() else "gpt2"
+    tokenizer = load_tokenizer(tok_source)
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = GPT2LMHeadModel.from_pretrained(ckpt, attn_implementation="sdpa").to(dev).eval()
+    return model, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="greentext_dist.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final or out/checkpoints/step-N)")
+    p.add_argument("--prompt", default="be me", help="opening lines, without '>' (empty: unconditional)")
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix", default=None, help="raw text placed before the prompt, as gpt-2-simple's prefix")
+    p.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=True, help="keep the prefix in the output")
+    p.add_argument("--output", default=None, help="also write samples to this .jsonl file")
+    a = p.parse_args(argv)
+    try:
+        if a.num_samples < 1 or a.max_new_tokens < 1:
+            raise UserError("--num-samples and --max-new-tokens must be at least 1", "pass positive values")
+        model, tokenizer = load(a.checkpoint)
+        samples = generate(model, tokenizer, a.prompt, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
+                           temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                           prefix=a.prefix, include_prefix=a.include_prefix)
+    except UserError as e:
+        fail(str(e))
+        return 2
+    show(samples)
+    if a.output:
+        with open(a.output, "w") as f:
+            for s in samples:
+                f.write(json.dumps({"prompt": a.prompt, "seed": a.seed, "text": s}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Shared helpers: small corpora written by the tests, and real training runs (in-process or launched)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "greentext_dist" / "train.py"
+
+# No test may touch the network: the hub is unreachable here and on many clusters.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GREENTEXT_PLAIN_LOG"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def write_posts(path: Path, n: int = 60, seed: int = 0) -> Path:
+    """Greentext-shaped posts of varied length, with unicode and blank lines."""
+    import random
+
+    rng = random.Random(seed)
+    words = "be me go outside see a dog cat pizza mfw tfw the bus job boss code unicode café naïve 日本 🙂 rain".split()
+    posts = []
+    for i in range(n):
+        lines = [f">be me number {i}"]
+        for _ in range(rng.choice([1, 2, 5, 12])):
+            lines.append(">" + " ".join(rng.choice(words) for _ in range(rng.randint(1, 9))))
+            if rng.random() < 0.15:
+                lines.append("")
+        posts.append({"text": "\n".join(lines)})
+    path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in posts))
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return write_posts(tmp_path / "posts.jsonl")
+
+
+def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", "tiny", "--dataset", str(data), "--output-dir", str(out), "--seq-len", "32",
+            "--precision", "fp32", "--dropout", "0", "--val-fraction", "0.1", "--max-shard-size", "5MB", *extra]
+
+
+def run_inprocess(args: list[str]) -> int:
+    from greentext_dist.train import cli
+
+    return cli(args)
+
+
+def launch(args: list[str], nproc: int = 1, launcher: str = "torchrun", timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A real launch in fresh processes; returns the finished process with its output."""
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone", str(TRAIN), *args]
+    else:
+        cmd = [sys.executable, str(TRAIN), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def train_losses(out: Path) -> list[float]:
+    from greentext_dist.metrics import read_metrics
+
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+def val_losses(out: Path) -> list[float]:
+    from greentext_dist.metrics import read_metrics
+
+    return [r["val_loss"] for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]

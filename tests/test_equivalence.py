@@ -1,0 +1,28 @@
+"""Numerics: the loss is normalised by the step's global target count, so how a step is split
+(accumulation, ranks) does not change the curve."""
+
+from conftest import launch, run_inprocess, tiny_args, train_losses, val_losses
+
+COMMON = ["--global-batch-size", "8", "--max-steps", "4", "--eval-every", "2", "--lr", "1e-3"]
+
+
+def test_accumulation_equals_one_big_batch(corpus, tmp_path):
+    a, b = tmp_path / "ga4", tmp_path / "ga1"
+    assert run_inprocess(tiny_args(corpus, a, *COMMON, "--micro-batch-size", "2")) == 0
+    assert run_inprocess(tiny_args(corpus, b, *COMMON, "--micro-batch-size", "8")) == 0
+    la, lb = train_losses(a), train_losses(b)
+    assert len(la) == 4 and la[-1] < la[0]
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5
+    assert max(abs(x - y) for x, y in zip(val_losses(a), val_losses(b))) <= 1e-5
+
+
+def test_two_ranks_equal_one(corpus, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_inprocess(tiny_args(corpus, one, *COMMON, "--micro-batch-size", "4")) == 0
+    p = launch(tiny_args(corpus, two, *COMMON, "--micro-batch-size", "2"), nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 rank(s)" in p.stderr and "2 micro x 2 accumulation x 2 ranks = 8" in p.stderr
+    l1, l2 = train_losses(one), train_losses(two)
+    assert len(l2) == 4
+    assert max(abs(x - y) for x, y in zip(l1, l2)) <= 1e-5
+    assert max(abs(x - y) for x, y in zip(val_losses(one), val_losses(two))) <= 1e-5

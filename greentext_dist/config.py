@@ -98,8 +98,14 @@ def _field_types(section_cls) -> dict:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line that names the problem and the fix, not a usage dump.
+        raise UserError(f"bad command line: {message}", f"see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="greentext_dist.train",
         description="Fine-tune GPT-2 on greentext with DDP, DeepSpeed ZeRO or FSDP.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -189,5 +195,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--dropout must be in [0, 1), got {cfg.model.dropout}", "use e.g. 0.1")
     if o.min_lr > o.lr:
         raise UserError(f"--min-lr {o.min_lr} is above --lr {o.lr}", "lower --min-lr")
+    if d.seq_len > 1024 and not cfg.model.model_path:
+        raise UserError(f"--seq-len {d.seq_len} is longer than GPT-2's 1024 positions", "use --seq-len 1024 or less")
     if cfg.model.model == "tiny" and cfg.model.init == "pretrained" and not cfg.model.model_path:
         raise UserError("--model tiny has no pretrained weights", "use --init scratch, or --model-path DIR")

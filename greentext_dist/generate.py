@@ -17,7 +17,7 @@ from transformers import GPT2LMHeadModel
 from greentext_dist.errors import UserError
 from greentext_dist.model import check_gpt2_dir
 from greentext_dist.tokenizer import load_tokenizer
-from greentext_dist.ui import console, fail
+from greentext_dist.ui import console, fail, setup_logging
 
 
 def as_greentext(prompt: str) -> str:
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=True, help="keep the prefix in the output")
     p.add_argument("--output", default=None, help="also write samples to this .jsonl file")
     a = p.parse_args(argv)
+    setup_logging(0)
     try:
         if a.num_samples < 1 or a.max_new_tokens < 1:
             raise UserError("--num-samples and --max-new-tokens must be at least 1", "pass positive values")

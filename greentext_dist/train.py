@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg.model, weights_from=str(resume_from) if resume_from else None)
     if resume_from:
         check_matches_preset(model.config, cfg.model, f"checkpoint {resume_from}")
+    if cfg.data.seq_len > model.config.n_positions:
+        raise UserError(f"--seq-len {cfg.data.seq_len} is longer than the model's {model.config.n_positions} positions",
+                        f"use --seq-len {model.config.n_positions} or less")
     model.to(env.device)
     engine = apply_ddp(model, build_optimizer(model, cfg.optim, env.device), env, t.precision)
     if resume_from:

@@ -1,0 +1,61 @@
+"""Dataset sources and formats, text-field detection, and the config file."""
+
+import json
+
+import pytest
+
+from greentext_dist.config import parse_args
+from greentext_dist.data import first_example, open_dataset, text_getter
+from greentext_dist.errors import UserError
+
+POSTS = [">be me\n>write tests", ">be you\n\n>read them", ">mfw café 🙂"]
+
+
+def posts_of(path, field=None):
+    ds = open_dataset(str(path))
+    get = text_getter(first_example(ds, str(path)), field, str(path))
+    return [get(ex).strip() for ex in ds]
+
+
+def test_formats(tmp_path):
+    import pandas as pd
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in POSTS))
+    (tmp_path / "a.txt").write_text("\n\n".join(POSTS).replace(">be you\n\n>read them", ">be you\n>read them"))
+    pd.DataFrame({"text": POSTS}).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame({"text": POSTS}).to_parquet(tmp_path / "a.parquet")
+    assert posts_of(tmp_path / "a.jsonl") == POSTS
+    assert posts_of(tmp_path / "a.csv") == POSTS
+    assert posts_of(tmp_path / "a.parquet") == POSTS
+    assert posts_of(tmp_path / "a.txt") == [POSTS[0], ">be you\n>read them", POSTS[2]]  # a post per paragraph
+
+
+def test_directory_and_prompt_completion(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    for i, p in enumerate(POSTS):
+        (d / f"part{i}.jsonl").write_text(json.dumps({"prompt": p[:4], "completion": p[4:]}) + "\n")
+    assert sorted(posts_of(d)) == sorted(POSTS)
+    (d / "extra.csv").write_text("text\nx\n")
+    with pytest.raises(UserError, match="mixes file types"):
+        open_dataset(str(d))
+
+
+def test_explicit_text_field(tmp_path):
+    p = tmp_path / "b.jsonl"
+    p.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(POSTS)))
+    assert posts_of(p, "body") == POSTS
+    with pytest.raises(UserError, match="no field 'text'.*fields: body, id"):
+        posts_of(p, "text")
+
+
+def test_config_file_then_cli(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text("[optim]\nlr = 1e-3\nwarmup_steps = 7\n[train]\nmicro_batch_size = 4\n[model]\nmodel = 'medium'\n")
+    cfg = parse_args(["--config", str(f), "--lr", "2e-3"])
+    assert cfg.optim.lr == 2e-3 and cfg.optim.warmup_steps == 7  # CLI beats file, file beats default
+    assert cfg.train.micro_batch_size == 4 and cfg.model.model == "medium"
+    assert cfg.optim.weight_decay == 0.01 and cfg.optim.beta2 == 0.999 and cfg.data.seq_len == 1024
+    f.write_text("[optim]\nlearning_rate = 1\n")
+    with pytest.raises(UserError, match="unknown setting 'optim.learning_rate'"):
+        parse_args(["--config", str(f)])

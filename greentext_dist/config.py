@@ -55,7 +55,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    backend: str = _f("auto", "engine", ["auto", "ddp", "zero2", "zero3", "fsdp"])
+    backend: str = _f("auto", "engine (auto: zero2/zero3 by size under the deepspeed launcher, else ddp)", ["auto", "ddp", "zero2", "zero3"])
+    ds_config: str | None = _f(None, "DeepSpeed JSON (default: ds_configs/<backend>.json); \"auto\" fields are filled from the CLI")
+    offload: bool = _f(False, "DeepSpeed: offload optimizer state (ZeRO-2) and parameters too (ZeRO-3) to CPU")
     global_batch_size: int = _f(512, "sequences per optimizer step, over all ranks and accumulation")
     micro_batch_size: int = _f(8, "sequences per forward pass per rank")
     max_steps: int | None = _f(None, "optimizer steps to run (overrides --epochs)")
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune GPT-2 on greentext with DDP, DeepSpeed ZeRO or FSDP.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher passes it; LOCAL_RANK is read from the environment
     p.add_argument("--config", default=None, help="TOML or JSON file with [model] [data] [optim] [train] [checkpoint] tables")
     for section in dataclasses.fields(Config):
         cls = section.default_factory

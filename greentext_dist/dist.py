@@ -26,7 +26,16 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(timeout_s: int = 1800) -> DistEnv:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: int = 1800, single_rank_group: bool = False) -> DistEnv:
+    """single_rank_group: start a one-rank group under plain `python` (DeepSpeed needs a process group)."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -36,9 +45,15 @@ def init_distributed(timeout_s: int = 1800) -> DistEnv:
     else:
         device = torch.device("cpu")
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for GPUs and warn on every import
-    if world_size > 1 and not dist.is_initialized():
+    if world_size == 1 and single_rank_group and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        for k in ("RANK", "LOCAL_RANK"):
+            os.environ.setdefault(k, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    if (world_size > 1 or single_rank_group) and not dist.is_initialized():
         dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
+            backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
             **({"device_id": device} if device.type == "cuda" else {}),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -66,12 +67,47 @@ def check_matches_preset(config: GPT2Config, cfg: ModelConfig, where: str) -> No
         )
 
 
-def build_model(cfg: ModelConfig, weights_from: str | None = None) -> GPT2LMHeadModel:
+def model_config(cfg: ModelConfig, weights_from: str | None = None) -> GPT2Config:
+    """The shape of the model build_model will make, read without loading any weights."""
+    src = weights_from or cfg.model_path
+    if src:
+        return check_gpt2_dir(src, "checkpoint" if weights_from else "--model-path")
+    return preset_config(cfg.model, cfg.dropout)  # the hub's gpt2* configs have exactly these shapes
+
+
+def init_scratch(model: GPT2LMHeadModel, seed: int, gather=None) -> None:
+    """GPT-2's initialisation (normal 0.02, residual projections / sqrt(2 x layers), LayerNorm 1/0), drawn per
+    module from a generator seeded by the module's name: the same weights under every engine, including
+    ZeRO-3, where each module is gathered on its own (`gather`) so the model is never whole on a rank."""
+    import contextlib
+    import zlib
+
+    std, proj_std = model.config.initializer_range, model.config.initializer_range / math.sqrt(2 * model.config.n_layer)
+    seen = set()
+    for name, module in model.named_modules():
+        params = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        if not params:
+            continue
+        seen.update(id(p) for _, p in params)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        with (gather([p for _, p in params]) if gather else contextlib.nullcontext()), torch.no_grad():
+            for n, p in params:
+                if isinstance(module, torch.nn.LayerNorm):
+                    p.fill_(1.0 if n == "weight" else 0.0)
+                elif n == "bias":
+                    p.zero_()
+                else:
+                    s = proj_std if name.endswith("c_proj") else std
+                    p.copy_(torch.randn(p.shape, generator=g) * s)
+
+
+def build_model(cfg: ModelConfig, weights_from: str | None = None, seed: int = 0, gather=None) -> GPT2LMHeadModel:
     """weights_from: a checkpoint to resume; otherwise --model-path, the hub id, or random init."""
     drop = dict(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
     src = weights_from or source_of(cfg)
     if src is None:
         model = GPT2LMHeadModel._from_config(preset_config(cfg.model, cfg.dropout), attn_implementation="sdpa", dtype=torch.float32)
+        init_scratch(model, seed, gather)
     else:
         local = weights_from is not None or cfg.model_path is not None
         if local:
@@ -88,4 +124,4 @@ def build_model(cfg: ModelConfig, weights_from: str | None = None) -> GPT2LMHead
 
 
 def num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 partitions

@@ -15,6 +15,7 @@ if __name__ == "__main__" and not __package__:
 
 import logging
 import math
+import os
 import time
 
 import torch
@@ -30,7 +31,7 @@ from greentext_dist.engines.ddp import apply_ddp
 from greentext_dist.errors import UserError
 from greentext_dist.loss import global_target_count, token_loss_sum
 from greentext_dist.metrics import MetricsLog
-from greentext_dist.model import build_model, check_matches_preset, init_kind, num_params, source_of
+from greentext_dist.model import build_model, check_matches_preset, init_kind, model_config, num_params, source_of
 from greentext_dist.optim import build_optimizer, lr_at, warmup_steps
 from greentext_dist.tokenizer import load_tokenizer
 from greentext_dist.ui import TrainProgress, console, fail, setup_logging, summary_table
@@ -85,6 +86,42 @@ def plan_run(cfg: Config, env: DistEnv, corpus: dict) -> dict:
     }
 
 
+def resolve_backend(cfg: Config, env: DistEnv) -> str:
+    if cfg.train.backend != "auto":
+        return cfg.train.backend
+    if cfg.train.ds_config or cfg.train.offload:
+        raise UserError("--ds-config/--offload need a DeepSpeed engine", "add --backend zero2 or --backend zero3")
+    under_deepspeed_launcher = "CROSS_SIZE" in os.environ and "LOCAL_SIZE" in os.environ
+    if under_deepspeed_launcher:
+        return "zero3" if cfg.model.model in ("large", "xl") else "zero2"
+    return "ddp"
+
+
+def build_engine(cfg: Config, env: DistEnv, plan: dict, resume_from: Path | None):
+    """Build the model the way its engine needs (ZeRO-3: partitioned from the start) and wrap it."""
+    weights = str(resume_from) if resume_from else None
+    config = model_config(cfg.model, weights)
+    if resume_from:
+        check_matches_preset(config, cfg.model, f"checkpoint {resume_from}")
+    if cfg.data.seq_len > config.n_positions:
+        raise UserError(f"--seq-len {cfg.data.seq_len} is longer than the model's {config.n_positions} positions",
+                        f"use --seq-len {config.n_positions} or less")
+    if cfg.train.backend in ("zero2", "zero3"):
+        from greentext_dist.engines.deepspeed import apply_deepspeed, prepare_deepspeed, load_ds_config
+
+        ds_config = load_ds_config(cfg, plan["grad_accum"], env.world_size, config.n_embd)
+        prepare_deepspeed(ds_config)
+        gather = None
+        if ds_config["zero_optimization"]["stage"] == 3:
+            import deepspeed
+
+            gather = lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0)  # noqa: E731
+        model = build_model(cfg.model, weights_from=weights, seed=cfg.train.seed, gather=gather)
+        return apply_deepspeed(model, build_optimizer(model, cfg.optim, env.device), env, ds_config), model
+    model = build_model(cfg.model, weights_from=weights, seed=cfg.train.seed).to(env.device)
+    return apply_ddp(model, build_optimizer(model, cfg.optim, env.device), env, cfg.train.precision), model
+
+
 def print_summary(cfg: Config, env: DistEnv, engine, model, corpus: dict, val_corpus: dict | None, plan: dict, resume_from) -> None:
     t, d = cfg.train, cfg.data
     src = source_of(cfg.model) or "random init"
@@ -99,6 +136,7 @@ def print_summary(cfg: Config, env: DistEnv, engine, model, corpus: dict, val_co
         ("validation", f"{val_corpus['posts']:,} posts, {val_corpus['tokens']:,} tokens" if val_corpus else "none"),
         ("schedule", f"{plan['max_steps']} steps = {plan['epochs']:.2f} epochs ({plan['steps_per_epoch']:.3g} steps/epoch), "
                      f"lr {cfg.optim.lr:g} warmup {warmup_steps(cfg.optim, plan['max_steps'])} cosine to {cfg.optim.min_lr:g}"),
+        *([("memory/rank", engine.memory_note)] if getattr(engine, "memory_note", None) else []),
         ("output", f"{cfg.checkpoint.output_dir}" + (f" (resuming from {resume_from})" if resume_from else "")),
     ]
     console.print(summary_table("greentext_dist", rows))
@@ -126,7 +164,8 @@ def evaluate(engine, rows, cfg: Config, env: DistEnv) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    env = init_distributed()
+    cfg.train.backend = resolve_backend(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
+    env = init_distributed(single_rank_group=cfg.train.backend in ("zero2", "zero3"))
     setup_logging(env.rank)
     out = Path(cfg.checkpoint.output_dir)
     ckpt_root = out / "checkpoints"
@@ -146,15 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     # Resume point (rank 0 verifies checksums once), model and engine.
     resume_from = on_main(ckpt.resolve_resume, cfg.checkpoint.resume, ckpt_root)
     state = ckpt.read_trainer_state(resume_from) if resume_from else None
+    if state and state["world_size"] != env.world_size and state.get("backend", "ddp") != "ddp":
+        raise UserError(
+            f"checkpoint {resume_from} was written by {state['world_size']} ranks with {state['backend']}, this run has {env.world_size}",
+            f"relaunch with {state['world_size']} ranks, or start a new run from its weights: --model-path {resume_from} --resume never",
+        )
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model, weights_from=str(resume_from) if resume_from else None)
-    if resume_from:
-        check_matches_preset(model.config, cfg.model, f"checkpoint {resume_from}")
-    if cfg.data.seq_len > model.config.n_positions:
-        raise UserError(f"--seq-len {cfg.data.seq_len} is longer than the model's {model.config.n_positions} positions",
-                        f"use --seq-len {model.config.n_positions} or less")
-    model.to(env.device)
-    engine = apply_ddp(model, build_optimizer(model, cfg.optim, env.device), env, t.precision)
+    engine, model = build_engine(cfg, env, plan, resume_from)
     if resume_from:
         engine.load_state(resume_from / ckpt.TRAIN_STATE)
     if not (resume_from and ckpt.load_rng_state(resume_from, env.rank)):
@@ -173,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> Path:
         trainer_state = {"step": step, "tokens": int(tokens.item()), "data": data_state.to_dict(), "max_steps": max_steps,
-                         "world_size": env.world_size, "config": cfg.to_dict()}
+                         "world_size": env.world_size, "backend": cfg.train.backend, "config": cfg.to_dict()}
         return ckpt.save_checkpoint(engine, ckpt_root, step, trainer_state, tokenizer, cfg.checkpoint.keep_last, cfg.checkpoint.max_shard_size)
 
     engine.train(True)

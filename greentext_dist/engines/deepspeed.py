@@ -1,0 +1,161 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3. Batch sizes, precision and clipping come from our config; a DeepSpeed JSON file
+(ds_configs/ or --ds-config) supplies the ZeRO knobs and may only repeat, never contradict, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from greentext_dist.config import Config
+from greentext_dist.dist import DistEnv
+from greentext_dist.errors import UserError
+
+DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+_hf_ds_config = None  # transformers reads the live HfDeepSpeedConfig through a weak reference: keep it alive
+
+
+def load_ds_config(cfg: Config, grad_accum: int, world_size: int, hidden: int) -> dict:
+    """The DeepSpeed config for this run: the file's settings with every "auto" filled from ours."""
+    path = Path(cfg.train.ds_config) if cfg.train.ds_config else DS_CONFIGS / f"{cfg.train.backend}{'_offload' if cfg.train.offload else ''}.json"
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"DeepSpeed config {path} does not exist", "pass an existing JSON file to --ds-config") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"DeepSpeed config {path} is not valid JSON (line {e.lineno}: {e.msg})", "fix the JSON syntax") from None
+    t = cfg.train
+    ours = {
+        ("train_batch_size",): (t.global_batch_size, "--global-batch-size"),
+        ("train_micro_batch_size_per_gpu",): (t.micro_batch_size, "--micro-batch-size"),
+        ("gradient_accumulation_steps",): (grad_accum, "--global-batch-size / (--micro-batch-size x ranks)"),
+        ("gradient_clipping",): (cfg.optim.grad_clip, "--grad-clip"),
+        ("bf16", "enabled"): (t.precision == "bf16", "--precision"),
+        ("zero_optimization", "stage"): (int(t.backend[-1]), "--backend"),
+        ("zero_optimization", "reduce_bucket_size"): (hidden * hidden, None),
+        ("zero_optimization", "stage3_prefetch_bucket_size"): (int(0.9 * hidden * hidden), None),
+        ("zero_optimization", "stage3_param_persistence_threshold"): (10 * hidden, None),
+    }
+    for keys, (value, flag) in ours.items():
+        node = ds
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        have = node.get(keys[-1], "auto")
+        if have == "auto" or (flag is None and keys[-1] not in node):
+            node[keys[-1]] = value
+        elif flag is not None and have != value and not (isinstance(value, float) and float(have) == value):
+            raise UserError(
+                f"{path} sets {'.'.join(keys)} = {have!r} but {flag} gives {value!r}",
+                f"set it to \"auto\" in the file, or change {flag} to match",
+            )
+    if ds.get("fp16", {}).get("enabled") is True:
+        raise UserError(f"{path} enables fp16", "use --precision bf16 (GPT-2 fine-tunes in bf16 without loss scaling)")
+    if t.precision == "fp32":
+        ds.get("data_types", {}).pop("grad_accum_dtype", None)
+    return ds
+
+
+def prepare_deepspeed(ds_config: dict) -> None:
+    """Before the model is built: hand our process group to deepspeed.comm and, for ZeRO-3, register the
+    config so transformers builds/loads the model already partitioned (never whole on any rank)."""
+    import deepspeed
+
+    global _hf_ds_config
+    deepspeed.init_distributed()  # wraps the existing torch.distributed group
+    if ds_config["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _hf_ds_config = HfDeepSpeedConfig(ds_config)
+
+
+class DeepSpeedEngine:
+    def __init__(self, model, optimizer, env: DistEnv, ds_config: dict):
+        import deepspeed
+
+        self.env, self.ds_config = env, ds_config
+        self.stage = ds_config["zero_optimization"]["stage"]
+        self.name = f"deepspeed zero{self.stage}" + (" + offload" if "offload_optimizer" in ds_config["zero_optimization"] else "")
+        self.grad_accum = ds_config["gradient_accumulation_steps"]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.module = self.engine.module
+        from greentext_dist.model import num_params
+
+        mem = memory_per_rank(num_params(self.module), ds_config, env.world_size)
+        self.memory_note = "  ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in mem.items()) + " (estimate; activations extra)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.engine(input_ids=x, use_cache=False).logits
+
+    def accumulating(self, last: bool):
+        import contextlib
+
+        return contextlib.nullcontext()  # DeepSpeed counts micro-steps and syncs at the boundary itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed divides the loss by the accumulation steps and averages gradients over ranks;
+        # our loss is already divided by the step's global token count, so undo both.
+        self.engine.backward(loss * (self.grad_accum * self.env.world_size))
+        self.engine.step()  # a no-op except on the accumulation boundary, where it clips and steps
+
+    def step(self, grad_clip: float) -> torch.Tensor:
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def save_state(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag="deepspeed")
+
+    def load_state(self, folder: Path) -> None:
+        # DeepSpeed's own format is pickled (torch.load without weights_only): the one documented exception.
+        path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise UserError(f"no DeepSpeed state in {folder}", "resume from a checkpoint written with a DeepSpeed --backend")
+
+    def export_hf(self, folder: Path, max_shard_size: str) -> None:
+        """Sharded safetensors of the 16-bit (or fp32) weights. Under ZeRO-3 the parameters are gathered one
+        module at a time, so no rank ever holds the whole model on the GPU; rank 0 collects them on the CPU."""
+        import deepspeed
+
+        if self.stage < 3:
+            if self.env.is_main:
+                self.module.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
+            return
+        state = {}
+        seen = set()
+        for prefix, mod in self.module.named_modules():
+            params = [(n, p) for n, p in mod.named_parameters(recurse=False) if id(p) not in seen]
+            if not params:
+                continue
+            seen.update(id(p) for _, p in params)
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+                if self.env.is_main:
+                    for n, p in params:
+                        state[f"{prefix}.{n}" if prefix else n] = p.detach().to("cpu", copy=True)
+        if self.env.is_main:
+            self.module.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True)
+
+
+def apply_deepspeed(model, optimizer, env: DistEnv, ds_config: dict) -> DeepSpeedEngine:
+    return DeepSpeedEngine(model, optimizer, env, ds_config)
+
+
+def memory_per_rank(n_params: int, ds_config: dict, world: int) -> dict:
+    """Estimated bytes per rank for parameters, gradients and optimizer state (ZeRO paper accounting)."""
+    z = ds_config["zero_optimization"]
+    stage, bf16 = z["stage"], ds_config.get("bf16", {}).get("enabled", False)
+    p_bytes = 2 if bf16 else 4
+    params = n_params * p_bytes / (world if stage == 3 else 1)
+    grads = n_params * 4 / world  # fp32 gradient accumulation, partitioned from ZeRO-2 on
+    optim = n_params * (12 if bf16 else 8) / world  # (fp32 master +) Adam moments
+    return {
+        "params": 0.0 if "offload_param" in z else params,
+        "grads": grads,
+        "optimizer": 0.0 if "offload_optimizer" in z else optim,
+    }

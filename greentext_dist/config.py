@@ -55,9 +55,11 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    backend: str = _f("auto", "engine (auto: zero2/zero3 by size under the deepspeed launcher, else ddp)", ["auto", "ddp", "zero2", "zero3"])
+    backend: str = _f("auto", "engine (auto: zero2/zero3 by size under the deepspeed launcher, else ddp)", ["auto", "ddp", "zero2", "zero3", "fsdp"])
     ds_config: str | None = _f(None, "DeepSpeed JSON (default: ds_configs/<backend>.json); \"auto\" fields are filled from the CLI")
     offload: bool = _f(False, "DeepSpeed: offload optimizer state (ZeRO-2) and parameters too (ZeRO-3) to CPU")
+    fsdp_reshard_after_forward: bool = _f(True, "FSDP: free gathered parameters after forward (like ZeRO-3; off is like ZeRO-2)")
+    fsdp_cpu_offload: bool = _f(False, "FSDP: keep sharded parameters, gradients and optimizer state on the CPU")
     global_batch_size: int = _f(512, "sequences per optimizer step, over all ranks and accumulation")
     micro_batch_size: int = _f(8, "sequences per forward pass per rank")
     max_steps: int | None = _f(None, "optimizer steps to run (overrides --epochs)")

@@ -119,6 +119,13 @@ def build_engine(cfg: Config, env: DistEnv, plan: dict, resume_from: Path | None
         model = build_model(cfg.model, weights_from=weights, seed=cfg.train.seed, gather=gather)
         return apply_deepspeed(model, build_optimizer(model, cfg.optim, env.device), env, ds_config), model
     model = build_model(cfg.model, weights_from=weights, seed=cfg.train.seed).to(env.device)
+    if cfg.train.backend == "fsdp":
+        from greentext_dist.engines.fsdp import FSDPEngine, apply_fsdp
+
+        t = cfg.train
+        apply_fsdp(model, env, t.precision, t.fsdp_reshard_after_forward, t.fsdp_cpu_offload)
+        optimizer = build_optimizer(model, cfg.optim, env.device)  # after sharding: it must hold the sharded params
+        return FSDPEngine(model, optimizer, env, t.fsdp_reshard_after_forward, t.fsdp_cpu_offload), model
     return apply_ddp(model, build_optimizer(model, cfg.optim, env.device), env, cfg.train.precision), model
 
 
@@ -165,7 +172,7 @@ def evaluate(engine, rows, cfg: Config, env: DistEnv) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     cfg.train.backend = resolve_backend(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
-    env = init_distributed(single_rank_group=cfg.train.backend in ("zero2", "zero3"))
+    env = init_distributed(single_rank_group=cfg.train.backend in ("zero2", "zero3", "fsdp"))
     setup_logging(env.rank)
     out = Path(cfg.checkpoint.output_dir)
     ckpt_root = out / "checkpoints"
@@ -185,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     # Resume point (rank 0 verifies checksums once), model and engine.
     resume_from = on_main(ckpt.resolve_resume, cfg.checkpoint.resume, ckpt_root)
     state = ckpt.read_trainer_state(resume_from) if resume_from else None
-    if state and state["world_size"] != env.world_size and state.get("backend", "ddp") != "ddp":
+    if state and state["world_size"] != env.world_size and state["backend"] in ("zero2", "zero3"):
         raise UserError(
             f"checkpoint {resume_from} was written by {state['world_size']} ranks with {state['backend']}, this run has {env.world_size}",
             f"relaunch with {state['world_size']} ranks, or start a new run from its weights: --model-path {resume_from} --resume never",

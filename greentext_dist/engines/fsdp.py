@@ -1,0 +1,80 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard), applied in torchtitan's order: checkpointing (done when the
+model is built), then one FSDP unit per GPT2Block, then the root. The root unit holds wte, wpe, ln_f and
+the lm_head, which is the same Parameter as wte, so the tie survives sharding."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from greentext_dist.dist import DistEnv
+
+
+def apply_fsdp(model, env: DistEnv, precision: str, reshard_after_forward: bool, cpu_offload: bool):
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
+    kw = dict(mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for block in model.transformer.h:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+class FSDPEngine:
+    reshardable = True  # DCP reshards model and optimizer state to any world size
+
+    def __init__(self, model, optimizer, env: DistEnv, reshard_after_forward: bool, cpu_offload: bool):
+        self.env, self.model, self.module, self.optimizer = env, model, model, optimizer
+        self.name = f"fsdp2 ({'reshard' if reshard_after_forward else 'keep'} after forward{', cpu offload' if cpu_offload else ''})"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=x, use_cache=False).logits
+
+    def accumulating(self, last: bool):
+        # Reduce-scatter gradients only on the last micro-batch of the step.
+        self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # FSDP averages gradients over ranks; the loss is already normalised by the global token count.
+        (loss * self.env.world_size).backward()
+
+    def step(self, grad_clip: float) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def save_state(self, folder: Path) -> None:
+        """Sharded: each rank writes its own shards of the fp32 model and optimizer state, no gather."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / "dcp"))
+
+    def load_state(self, folder: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(folder / "dcp"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def export_hf(self, folder: Path, max_shard_size: str) -> None:
+        # Full state gathered to rank 0's CPU only (cpu_offload): no rank holds a second full copy on its GPU.
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.env.is_main:
+            if self.module.config.tie_word_embeddings:
+                sd.pop("lm_head.weight", None)
+            self.module.save_pretrained(folder, state_dict=sd, max_shard_size=max_shard_size, safe_serialization=True)

@@ -1,4 +1,5 @@
-"""One typed config tree. Defaults < `--config FILE` (TOML or JSON, one table per section) < CLI flags.
+"""One typed config tree. Defaults < `--config FILE` (TOML or JSON, one table per section)
+< an `accelerate launch` config's engine and precision < CLI flags.
 
 Every field is a flat CLI flag (`lr` -> `--lr`, `micro_batch_size` -> `--micro-batch-size`),
 so field names are unique across sections.
@@ -159,6 +160,36 @@ def load_file(path: str) -> dict:
         raise UserError(f"config file {path} is not valid {p.suffix[1:].upper() or 'JSON'}: {e}", "fix the syntax") from None
 
 
+def accelerate_settings(env=None) -> dict[tuple[str, str], object]:
+    """What an `accelerate launch --config_file ...` config asks for, read from the variables it exports.
+    accelerate is only the launcher here: its FSDP / DeepSpeed choice selects our own engine."""
+    import os
+
+    env = os.environ if env is None else env
+    out: dict[tuple[str, str], object] = {}
+    on = lambda k: env.get(k, "").lower() == "true"  # noqa: E731
+    precision = env.get("ACCELERATE_MIXED_PRECISION")
+    if precision == "fp16":
+        raise UserError("the accelerate config asks for fp16", "set mixed_precision: bf16 (or no) in it")
+    if precision in ("bf16", "no"):
+        out[("train", "precision")] = "bf16" if precision == "bf16" else "fp32"
+    if on("ACCELERATE_USE_FSDP"):
+        out[("train", "backend")] = "fsdp"
+        out[("train", "fsdp_reshard_after_forward")] = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+        out[("train", "fsdp_cpu_offload")] = on("FSDP_OFFLOAD_PARAMS")
+        if on("FSDP_ACTIVATION_CHECKPOINTING"):
+            out[("model", "gradient_checkpointing")] = True
+    elif on("ACCELERATE_USE_DEEPSPEED"):
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        if stage not in ("2", "3"):
+            raise UserError(f"the accelerate config asks for ZeRO stage {stage}", "use zero_stage: 2 or 3")
+        out[("train", "backend")] = f"zero{stage}"
+        out[("train", "offload")] = env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") == "cpu"
+        if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            out[("train", "ds_config")] = env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     args = build_parser().parse_args(argv)
     cfg = Config()
@@ -168,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
                 raise UserError(f"{args.config}: '{section}' must be a table of settings", "see the README's config example")
             for name, value in values.items():
                 _apply(cfg, section, name, value, args.config)
+    for (section, name), value in accelerate_settings().items():
+        setattr(getattr(cfg, section), name, value)
     for dest, value in vars(args).items():
         if "." in dest:
             section, name = dest.split(".")

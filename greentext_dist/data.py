@@ -12,13 +12,15 @@ import itertools
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
-from datasets import IterableDataset, load_dataset
 
 from greentext_dist.errors import UserError
 from greentext_dist.hub import hub_offline, is_local
+
+if TYPE_CHECKING:
+    from datasets import IterableDataset
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 # Hub repos that hold the same posts in several formats: pick one.
@@ -34,6 +36,8 @@ DEMO_CORPUS = Path(__file__).parent / "data" / "demo_greentexts.jsonl"
 
 def open_dataset(name: str) -> IterableDataset:
     """A streaming `datasets` view of a hub id, a local file or a local directory."""
+    from datasets import load_dataset
+
     if is_local(name):
         path = Path(os.path.expanduser(name))
         files = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file()) if path.is_dir() else [path]

@@ -154,6 +154,19 @@ def print_summary(cfg: Config, env: DistEnv, engine, model, corpus: dict, val_co
         log.warning(f"{plan['epochs']:.0f} epochs planned over a small corpus: watch val_loss for overfitting.")
 
 
+def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], grad_clip: float, device) -> tuple:
+    """One optimizer step over this rank's micro-batches. Returns (this rank's share of the loss, grad norm,
+    global target count) as device tensors: nothing here waits for the GPU."""
+    n_targets = global_target_count(batches, device)
+    step_loss = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(batches):
+        with engine.accumulating(last=i == len(batches) - 1):
+            loss = token_loss_sum(engine.forward(x), y) / n_targets
+            engine.backward(loss)
+        step_loss += loss.detach()
+    return step_loss, engine.step(grad_clip), n_targets
+
+
 @torch.no_grad()
 def evaluate(engine, rows, cfg: Config, env: DistEnv) -> float | None:
     if not rows:
@@ -227,14 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.set_lr(lr := lr_at(step, cfg.optim, max_steps))
             batches = [loader.next_batch() for _ in range(plan["grad_accum"])]
             data_state = batches[-1][2]
-            n_targets = global_target_count([(x, y) for x, y, _ in batches], env.device)
-            step_loss = torch.zeros((), device=env.device)
-            for i, (x, y, _) in enumerate(batches):
-                with engine.accumulating(last=i == len(batches) - 1):
-                    loss = token_loss_sum(engine.forward(x), y) / n_targets
-                    engine.backward(loss)
-                step_loss += loss.detach()
-            grad_norm = engine.step(cfg.optim.grad_clip)
+            step_loss, grad_norm, n_targets = train_step(engine, [(x, y) for x, y, _ in batches], cfg.optim.grad_clip, env.device)
             tokens += n_targets
             step += 1
 

@@ -22,10 +22,14 @@ def setup_logging(rank: int) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("datasets", "transformers", "huggingface_hub", "DeepSpeed", "torch.distributed", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    import datasets
     import transformers
 
-    datasets.disable_progress_bars()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # scripts/bench.py runs without datasets
+        pass
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 

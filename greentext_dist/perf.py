@@ -1,0 +1,33 @@
+"""Model FLOPs and device peaks for MFU / HFU."""
+
+from __future__ import annotations
+
+import torch
+
+# Dense bf16 tensor-core peaks (TFLOP/s), by substring of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = [
+    ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0),
+    ("A100", 312.0), ("L40S", 362.0), ("RTX 4090", 165.2), ("A10G", 70.0), ("L4", 121.0),
+]
+
+
+def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None  # no meaningful tensor-core peak on a CPU: report tokens/s only
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def flops_per_token(n_params_no_pos: int, n_layer: int, n_embd: int, seq_len: int) -> float:
+    """PaLM's model FLOPs per trained token: 6N (forward + backward matmuls) + 12·L·d·T (attention)."""
+    return 6 * n_params_no_pos + 12 * n_layer * n_embd * seq_len
+
+
+def model_flops_per_token(model, seq_len: int, recompute: bool = False) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) per token; HFU adds the forward recomputed by checkpointing (1/3 more)."""
+    c = model.config
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) - c.n_positions * c.n_embd
+    mf = flops_per_token(n, c.n_layer, c.n_embd, seq_len)
+    return mf, mf * (4 / 3 if recompute else 1.0)

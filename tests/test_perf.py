@@ -1,0 +1,40 @@
+"""MFU arithmetic for the four GPT-2 sizes, and the benchmark script end to end on CPU."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from conftest import ROOT
+from greentext_dist.model import preset_config
+from greentext_dist.perf import flops_per_token, model_flops_per_token, peak_tflops
+
+# Parameter counts of the hub checkpoints (tied head counted once); position embeddings are 1024 x d.
+SIZES = {"small": (124_439_808, 12, 768), "medium": (354_823_168, 24, 1024),
+         "large": (774_030_080, 36, 1280), "xl": (1_557_611_200, 48, 1600)}
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_model_flops_match_hand_computation(name):
+    n_total, layers, width = SIZES[name]
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(preset_config(name, 0.0))
+    assert sum(p.numel() for p in model.parameters()) == n_total
+    n = n_total - 1024 * width
+    mf, hf = model_flops_per_token(model, 1024, recompute=True)
+    assert mf == 6 * n + 12 * layers * width * 1024 == flops_per_token(n, layers, width, 1024)
+    assert hf == pytest.approx(mf * 4 / 3)
+
+
+def test_small_flops_value_and_cpu_peak():
+    assert flops_per_token(124_439_808 - 786_432, 12, 768, 1024) == 855_166_464
+    assert peak_tflops(torch.device("cpu")) is None and peak_tflops(torch.device("cpu"), 1.5) == 1.5
+
+
+def test_bench_script_runs_on_cpu():
+    p = subprocess.run([sys.executable, "scripts/bench.py", "--model", "tiny", "--seq-len", "64", "--micro-batch-size", "2",
+                        "--steps", "2", "--warmup", "1", "--precision", "fp32"], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "tokens_per_s=" in p.stdout and "ratio_to_bare=" in p.stdout

@@ -107,7 +107,7 @@ def build_engine(cfg: Config, env: DistEnv, plan: dict, resume_from: Path | None
         raise UserError(f"--seq-len {cfg.data.seq_len} is longer than the model's {config.n_positions} positions",
                         f"use --seq-len {config.n_positions} or less")
     if cfg.train.backend in ("zero2", "zero3"):
-        from greentext_dist.engines.deepspeed import apply_deepspeed, prepare_deepspeed, load_ds_config
+        from greentext_dist.engines.deepspeed import apply_deepspeed, build_ds_optimizer, load_ds_config, prepare_deepspeed
 
         ds_config = load_ds_config(cfg, plan["grad_accum"], env.world_size, config.n_embd)
         prepare_deepspeed(ds_config)
@@ -117,7 +117,7 @@ def build_engine(cfg: Config, env: DistEnv, plan: dict, resume_from: Path | None
 
             gather = lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0)  # noqa: E731
         model = build_model(cfg.model, weights_from=weights, seed=cfg.train.seed, gather=gather)
-        return apply_deepspeed(model, build_optimizer(model, cfg.optim, env.device), env, ds_config), model
+        return apply_deepspeed(model, build_ds_optimizer(model, cfg.optim, ds_config, env.device), env, ds_config), model
     model = build_model(cfg.model, weights_from=weights, seed=cfg.train.seed).to(env.device)
     if cfg.train.backend == "fsdp":
         from greentext_dist.engines.fsdp import FSDPEngine, apply_fsdp

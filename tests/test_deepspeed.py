@@ -135,3 +135,12 @@ def test_ds_config_conflicts_are_clear(corpus, tmp_path, capfd):
         lines = [l for l in err.splitlines() if l.startswith("error:")]
         assert len(lines) == 1 and expected in lines[0], err[-2000:]
         assert "Traceback" not in err
+
+
+def test_zero3_offload_shipped_config(reference, tmp_path):
+    """ds_configs/zero3_offload.json: parameters and optimizer state on the CPU, DeepSpeed's CPU AdamW."""
+    data, ref, _ = reference
+    p = launch(tiny_args(data, tmp_path / "off", *COMMON, "--backend", "zero3", "--offload"), nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "deepspeed zero3 + offload" in p.stderr
+    assert max(abs(a - b) for a, b in zip(train_losses(tmp_path / "off"), ref)) <= 1e-4

@@ -69,6 +69,17 @@ def prepare_deepspeed(ds_config: dict) -> None:
         _hf_ds_config = HfDeepSpeedConfig(ds_config)
 
 
+def build_ds_optimizer(model, cfg, ds_config: dict, device):
+    """Our AdamW; with optimizer offload, DeepSpeed's CPU AdamW (same maths, runs on the CPU copies)."""
+    from greentext_dist.optim import build_optimizer, param_groups
+
+    if "offload_optimizer" not in ds_config["zero_optimization"]:
+        return build_optimizer(model, cfg, device)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, adamw_mode=True)
+
+
 class DeepSpeedEngine:
     def __init__(self, model, optimizer, env: DistEnv, ds_config: dict):
         import deepspeed

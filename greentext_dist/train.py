@@ -33,6 +33,7 @@ from greentext_dist.loss import global_target_count, token_loss_sum
 from greentext_dist.metrics import MetricsLog
 from greentext_dist.model import build_model, check_matches_preset, init_kind, model_config, num_params, source_of
 from greentext_dist.optim import build_optimizer, lr_at, warmup_steps
+from greentext_dist.signals import GracefulStop
 from greentext_dist.tokenizer import load_tokenizer
 from greentext_dist.ui import TrainProgress, console, fail, setup_logging, summary_table
 
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine.train(True)
     t_log, tokens_at_log = time.perf_counter(), tokens.item()
-    with TrainProgress(max_steps, step, env.is_main) as bar:
+    with TrainProgress(max_steps, step, env.is_main) as bar, GracefulStop() as stop:
         while step < max_steps:
             engine.set_lr(lr := lr_at(step, cfg.optim, max_steps))
             batches = [loader.next_batch() for _ in range(plan["grad_accum"])]
@@ -261,10 +262,12 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step != max_steps:
                 save()
                 last_saved = step
-            if t.halt_at_step and step == t.halt_at_step and step != max_steps:
+            halt = bool(t.halt_at_step) and step == t.halt_at_step and step != max_steps
+            if (stop.requested() or halt) and step != max_steps:
                 if last_saved != step:
                     save()
-                bar.note(f"halted after step {step} with a checkpoint; run the same command again to continue")
+                why = f"halted after step {step}" if halt else f"stopped by {stop.name} after step {step}"
+                bar.note(f"{why} with a checkpoint in {ckpt_root / f'step-{step}'}; run the same command again to continue")
                 return 0
 
     if val:

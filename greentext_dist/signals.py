@@ -1,0 +1,45 @@
+"""Graceful stop: SIGTERM, SIGUSR1 (SLURM's warning before the time limit) and SIGINT ask the run to
+finish the current optimizer step, save a checkpoint and exit 0. A second SIGINT stops at once; the
+previous checkpoint is intact because saves are atomic."""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1", signal.SIGINT: "SIGINT"}
+
+
+class GracefulStop:
+    def __init__(self):
+        self.signum: int | None = None
+        self.group = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # A CPU (gloo) group for the stop vote, so asking never waits on the GPU stream.
+            self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self.previous = {s: signal.signal(s, self._handle) for s in NAMES}
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self) -> bool:
+        """Collective: true on every rank as soon as any rank got a signal."""
+        flag = torch.tensor([1 if self.signum else 0], dtype=torch.int32)
+        if self.group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    @property
+    def name(self) -> str:
+        return NAMES.get(self.signum, "a signal on another rank")
+
+    def __enter__(self) -> "GracefulStop":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

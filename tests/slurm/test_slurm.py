@@ -1,0 +1,101 @@
+"""The real slurm/train.sbatch on a real SLURM cluster (munge + slurmctld + two slurmd "nodes" on this
+machine), in CPU mode with the tiny model: 1 node x 2 ranks, 2 nodes x 1 rank, and preemption with
+self-requeue and exact resume."""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_inprocess, tiny_args, train_losses, write_posts
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurm")
+    p = subprocess.run(["bash", str(HERE / "cluster.sh"), "start", str(d), "2"], capture_output=True, text=True, timeout=240)
+    if p.returncode == 3:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the SLURM tests, but no cluster could start here: {p.stdout}")
+        pytest.skip(f"no SLURM cluster on this machine: {p.stdout.strip()}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf")}
+    yield env
+    subprocess.run(["bash", str(HERE / "cluster.sh"), "stop", str(d)], timeout=60)
+
+
+def submit(env, nodes, ranks, log, args):
+    cmd = ["sbatch", "--parsable", "--nodes", str(nodes), "--cpus-per-task", "2", "--chdir", str(ROOT), "-o", str(log),
+           str(ROOT / "slurm" / "train.sbatch"), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**env, "GREENTEXT_CPU_RANKS": str(ranks)}, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip().split(";")[0]
+
+
+def job(env, job_id) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, env=env).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_done(env, job_id, timeout=180) -> dict:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        info = job(env, job_id)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return info
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            # A requeued job is held back ~2 minutes by default; let it start now.
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env)
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not finish: {job(env, job_id)}")
+
+
+RUN = ["--seq-len", "32", "--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3", "--eval-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_posts(tmp_path_factory.mktemp("data") / "posts.jsonl")
+
+
+@pytest.mark.parametrize("nodes,ranks", [(1, 2), (2, 1)])
+def test_sbatch_trains_and_leaves_a_loadable_checkpoint(cluster, data, tmp_path, nodes, ranks):
+    out, log = tmp_path / "out", tmp_path / "job.out"
+    job_id = submit(cluster, nodes, ranks, log, tiny_args(data, out, *RUN, "--max-steps", "4"))
+    info = wait_done(cluster, job_id)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    assert f"{nodes} node(s) x {ranks} rank(s)" in text and "2 rank(s) on cpu" in text
+    from transformers import GPT2LMHeadModel
+
+    assert GPT2LMHeadModel.from_pretrained(out / "final").config.n_layer == 2
+    ref = tmp_path / "ref"
+    assert run_inprocess(tiny_args(data, ref, *RUN, "--max-steps", "4")) == 0
+    assert max(abs(a - b) for a, b in zip(train_losses(out), train_losses(ref))) <= 1e-5
+
+
+def test_preempted_job_requeues_and_resumes_exactly(cluster, data, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "job.out"
+    steps = 60
+    job_id = submit(cluster, 1, 2, log, tiny_args(data, out, *RUN, "--max-steps", str(steps)))
+    t0 = time.time()
+    while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+        assert time.time() - t0 < 120, log.read_text()[-3000:] if log.exists() else "no log"
+        time.sleep(0.05)
+    # What SLURM does before a time limit with --signal=B:USR1@N (or a preemption notice).
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=cluster, check=True)
+    info = wait_done(cluster, job_id)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
+    assert "got SIGUSR1" in text and "requeueing job" in text and "restart 1" in text
+    assert "stopped by SIGUSR1 after step" in text and "resuming from" in text
+    ref = tmp_path / "ref"
+    assert run_inprocess(tiny_args(data, ref, *RUN, "--max-steps", str(steps))) == 0
+    a, b = train_losses(ref), train_losses(out)
+    assert len(b) == steps and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5

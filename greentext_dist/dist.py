@@ -60,6 +60,27 @@ def init_distributed(timeout_s: int = 1800, single_rank_group: bool = False) -> 
     return DistEnv(rank, world_size, local_rank, device)
 
 
+def preflight(env: DistEnv, timeout_s: float = 60.0) -> dict:
+    """Before any model loads: every rank reports its host and device in one collective, so a broken node
+    or fabric fails here in seconds instead of in the first gradient all-reduce after the NCCL watchdog."""
+    import socket
+
+    me = {"rank": env.rank, "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "gpu": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None}
+    if not env.distributed:
+        return {"nodes": 1, "ranks_per_node": [1], "gpus": [me["gpu"]] if me["gpu"] else []}
+    ok = torch.ones(1, device=env.device)
+    req = dist.all_reduce(ok, async_op=True)
+    if not req.wait(timeout=datetime.timedelta(seconds=timeout_s)) or ok.item() != env.world_size:
+        raise RuntimeError(f"preflight all-reduce failed on rank {env.rank}: check the node's network and GPUs")
+    everyone = [None] * env.world_size
+    dist.all_gather_object(everyone, me)
+    hosts = {}
+    for r in everyone:
+        hosts.setdefault(r["host"], []).append(r)
+    return {"nodes": len(hosts), "ranks_per_node": [len(v) for v in hosts.values()],
+            "gpus": [r["gpu"] for r in everyone if r["gpu"]], "hosts": list(hosts)}
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -26,7 +26,7 @@ from greentext_dist.data import (
     PackedStream, TrainLoader, DataState, count_corpus, first_example, is_val_post, open_dataset, text_getter,
     val_batches, val_rows,
 )
-from greentext_dist.dist import DistEnv, all_reduce_sum, init_distributed, on_main, shutdown
+from greentext_dist.dist import DistEnv, all_reduce_sum, init_distributed, on_main, preflight, shutdown
 from greentext_dist.engines.ddp import apply_ddp
 from greentext_dist.errors import UserError
 from greentext_dist.loss import global_target_count, token_loss_sum
@@ -130,13 +130,14 @@ def build_engine(cfg: Config, env: DistEnv, plan: dict, resume_from: Path | None
     return apply_ddp(model, build_optimizer(model, cfg.optim, env.device), env, cfg.train.precision), model
 
 
-def print_summary(cfg: Config, env: DistEnv, engine, model, corpus: dict, val_corpus: dict | None, plan: dict, resume_from) -> None:
+def print_summary(cfg: Config, env: DistEnv, layout: dict, engine, model, corpus: dict, val_corpus: dict | None, plan: dict, resume_from) -> None:
     t, d = cfg.train, cfg.data
     src = source_of(cfg.model) or "random init"
     rows = [
         ("model", f"GPT-2 {cfg.model.model} ({num_params(model) / 1e6:.1f}M params, {init_kind(cfg.model)}: {src})"),
         ("engine", f"{engine.name}, {t.precision}, gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}"),
-        ("world", f"{env.world_size} rank(s) on {env.device.type}"),
+        ("world", f"{env.world_size} rank(s) on {env.device.type}: {layout['nodes']} node(s) x {'/'.join(map(str, sorted(set(layout['ranks_per_node']))))}"
+                  + (f", {layout['gpus'][0]}" if layout["gpus"] else "")),
         ("batch", f"{t.micro_batch_size} micro x {plan['grad_accum']} accumulation x {env.world_size} ranks = {t.global_batch_size} sequences"),
         ("tokens/step", f"{plan['tokens_per_step']:,} ({t.global_batch_size} x {d.seq_len})"),
         ("corpus", f"{corpus['posts']:,} posts, {corpus['tokens']:,} tokens, {corpus['rows']:,} rows of {d.seq_len}"
@@ -151,6 +152,10 @@ def print_summary(cfg: Config, env: DistEnv, engine, model, corpus: dict, val_co
     if t.global_batch_size > corpus["rows"]:
         log.warning(f"one step ({t.global_batch_size} rows) is larger than the whole corpus ({corpus['rows']} rows): "
                     f"each step sees every post ~{t.global_batch_size / corpus['rows']:.1f} times. Consider a smaller --global-batch-size.")
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and os.environ.get("SLURM_NTASKS_PER_NODE", "1") == "1" and int(cpus) < max(layout["ranks_per_node"]):
+        log.warning(f"--cpus-per-task={cpus} gives fewer CPUs than the {max(layout['ranks_per_node'])} ranks on a node: "
+                    "tokenisation and NCCL threads will starve. Ask for at least one CPU per rank (better 4-8).")
     if plan["epochs"] > 20:
         log.warning(f"{plan['epochs']:.0f} epochs planned over a small corpus: watch val_loss for overfitting.")
 
@@ -188,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.train.backend = resolve_backend(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
     env = init_distributed(single_rank_group=cfg.train.backend in ("zero2", "zero3", "fsdp"))
     setup_logging(env.rank)
+    layout = preflight(env)
     out = Path(cfg.checkpoint.output_dir)
     ckpt_root = out / "checkpoints"
     t = cfg.train
@@ -218,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (resume_from and ckpt.load_rng_state(resume_from, env.rank)):
         torch.manual_seed(t.seed + env.rank + (state["step"] if state else 0))  # dropout differs per rank
     if env.is_main:
-        print_summary(cfg, env, engine, model, corpus, val_corpus, plan, resume_from)
+        print_summary(cfg, env, layout, engine, model, corpus, val_corpus, plan, resume_from)
     if state and state["max_steps"] != max_steps:
         log.warning(f"the checkpoint was planned for {state['max_steps']} steps, this run for {max_steps}: the lr schedule changes")
 

@@ -71,7 +71,7 @@ def test_sbatch_trains_and_leaves_a_loadable_checkpoint(cluster, data, tmp_path,
     info = wait_done(cluster, job_id)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
-    assert f"{nodes} node(s) x {ranks} rank(s)" in text and "2 rank(s) on cpu" in text
+    assert f"{nodes} node(s) x {ranks} rank(s)" in text and f"2 rank(s) on cpu: {nodes} node(s) x {ranks}" in text
     from transformers import GPT2LMHeadModel
 
     assert GPT2LMHeadModel.from_pretrained(out / "final").config.n_layer == 2
@@ -99,3 +99,23 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, data, tmp_path):
     assert run_inprocess(tiny_args(data, ref, *RUN, "--max-steps", str(steps))) == 0
     a, b = train_losses(ref), train_losses(out)
     assert len(b) == steps and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
+
+
+def test_chained_sampling_and_sweep_array(cluster, data, tmp_path):
+    """`--dependency=afterok` runs sampling after training; a job array trains one model per task."""
+    env = {**cluster, "GREENTEXT_CPU_RANKS": "1", "GREENTEXT_SWEEP_MODELS": "tiny tiny", "GREENTEXT_SWEEP_OUT": str(tmp_path / "sweep")}
+    base = ["sbatch", "--parsable", "--cpus-per-task", "2", "--chdir", str(ROOT)]
+    args = tiny_args(data, tmp_path / "unused", *RUN, "--max-steps", "2")
+    args = [a for i, a in enumerate(args) if a != "--output-dir" and (i == 0 or args[i - 1] != "--output-dir")]
+    array = subprocess.run([*base, "--array=0-1", "-o", str(tmp_path / "sweep-%a.out"), str(ROOT / "slurm" / "sweep.sbatch"), *args],
+                           capture_output=True, text=True, env=env, check=True).stdout.strip()
+    sample = subprocess.run([*base, f"--dependency=afterok:{array}", "-o", str(tmp_path / "sample.out"), str(ROOT / "slurm" / "sample.sbatch"),
+                             str(tmp_path / "sweep" / "1-tiny" / "final"), "--num-samples", "2", "--max-new-tokens", "8",
+                             "--output", str(tmp_path / "samples.jsonl")], capture_output=True, text=True, env=env, check=True).stdout.strip()
+    for i in (0, 1):
+        info = wait_done(cluster, f"{array}_{i}")
+        assert info["JobState"] == "COMPLETED", (tmp_path / f"sweep-{i}.out").read_text()[-2000:]
+        assert (tmp_path / "sweep" / f"{i}-tiny" / "final" / "config.json").is_file()
+    info = wait_done(cluster, sample)
+    assert info["JobState"] == "COMPLETED", (tmp_path / "sample.out").read_text()[-2000:]
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2

@@ -35,17 +35,28 @@ munged --key-file="$dir/munge/key" --socket="$dir/munge/sock" --pid-file="$dir/r
        --log-file="$dir/log/munged.log" --seed-file="$dir/munge/seed" --force
 
 host=$(hostname -s)
+# Free ports, so a cluster still shutting down (or another one) never collides with this one.
+read -r ctld_port node_ports <<< "$(python3 - "$nodes" <<'PY'
+import socket, sys
+socks = [socket.socket() for _ in range(1 + int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+)"
+read -r -a node_ports <<< "$node_ports"
 topo=$(slurmd -C | head -n1 | sed 's/^NodeName=[^ ]* //')
 grep -q " n1 n2$" /etc/hosts 2>/dev/null || echo "127.0.0.1 n1 n2" >> /etc/hosts
 {
   echo "ClusterName=greentext"
   echo "SlurmctldHost=$host(127.0.0.1)"
-  echo "SlurmctldPort=16817"
+  echo "SlurmctldPort=$ctld_port"
   echo "SlurmUser=root"
   echo "SlurmdUser=root"
   echo "AuthType=auth/munge"
   echo "CredType=cred/munge"
-  echo "AuthInfo=socket=$dir/munge/sock"
+  # cred_expire is also how long a requeued job waits before it may start again (default 120 s).
+  echo "AuthInfo=socket=$dir/munge/sock,cred_expire=10"
   echo "MailProg=/bin/true"
   echo "ProctrackType=proctrack/linuxproc"
   echo "TaskPlugin=task/none"
@@ -66,7 +77,7 @@ grep -q " n1 n2$" /etc/hosts 2>/dev/null || echo "127.0.0.1 n1 n2" >> /etc/hosts
   echo "SlurmctldLogFile=$dir/log/slurmctld.log"
   echo "SlurmdLogFile=$dir/log/slurmd-%n.log"
   for i in $(seq 1 "$nodes"); do
-    echo "NodeName=n$i NodeHostname=$host NodeAddr=127.0.0.1 Port=$((17000 + i)) $topo"
+    echo "NodeName=n$i NodeHostname=$host NodeAddr=127.0.0.1 Port=${node_ports[$((i - 1))]} $topo"
   done
   echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4"
 } > "$dir/slurm.conf"

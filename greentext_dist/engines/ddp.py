@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from greentext_dist.dist import DistEnv
@@ -36,7 +37,7 @@ class DDPEngine:
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP's norm is a DTensor
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -11,9 +11,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
-
 from greentext_dist.dist import DistEnv
+from greentext_dist.engines.ddp import DDPEngine
 
 
 def apply_fsdp(model, env: DistEnv, precision: str, reshard_after_forward: bool, cpu_offload: bool):
@@ -27,38 +26,20 @@ def apply_fsdp(model, env: DistEnv, precision: str, reshard_after_forward: bool,
     return model
 
 
-class FSDPEngine:
+class FSDPEngine(DDPEngine):
+    """Forward, backward, clip-and-step and lr as DDPEngine; sharding, sync and state are FSDP's own."""
+
     reshardable = True  # DCP reshards model and optimizer state to any world size
 
     def __init__(self, model, optimizer, env: DistEnv, reshard_after_forward: bool, cpu_offload: bool):
         self.env, self.model, self.module, self.optimizer = env, model, model, optimizer
+        self.autocast_dtype = None  # the MixedPrecisionPolicy casts parameters; no autocast on top
         self.name = f"fsdp2 ({'reshard' if reshard_after_forward else 'keep'} after forward{', cpu offload' if cpu_offload else ''})"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=x, use_cache=False).logits
 
     def accumulating(self, last: bool):
         # Reduce-scatter gradients only on the last micro-batch of the step.
         self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        # FSDP averages gradients over ranks; the loss is already normalised by the global token count.
-        (loss * self.env.world_size).backward()
-
-    def step(self, grad_clip: float) -> torch.Tensor:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    def train(self, mode: bool = True) -> None:
-        self.model.train(mode)
 
     def save_state(self, folder: Path) -> None:
         """Sharded: each rank writes its own shards of the fp32 model and optimizer state, no gather."""

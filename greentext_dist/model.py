@@ -63,7 +63,7 @@ def check_matches_preset(config: GPT2Config, cfg: ModelConfig, where: str) -> No
     if not cfg.model_path and got != (n_layer, n_embd, n_head):
         raise UserError(
             f"{where} holds a model with {got[0]} layers x {got[1]} wide, but --model {cfg.model} is {n_layer} x {n_embd}",
-            f"pass the --model that trained it, or a fresh --output-dir",
+            "pass the --model that trained it, or a fresh --output-dir",
         )
 
 

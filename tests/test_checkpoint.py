@@ -1,7 +1,5 @@
 """Checkpoints: exact resume, loadable sharded HF export, atomic saves and rotation."""
 
-import json
-import os
 import subprocess
 import sys
 
@@ -56,7 +54,7 @@ def test_export_reloads_sharded_with_equal_logits(corpus, tmp_path):
     assert (saved / "config.json").is_file() and (saved / "generation_config.json").is_file()
     assert (saved / "tokenizer_config.json").is_file()
     assert ckpt.verify(saved) is None
-    code = f"""
+    code = """
 import torch, sys
 from transformers import GPT2LMHeadModel
 m = GPT2LMHeadModel.from_pretrained(sys.argv[1]).eval()

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import ROOT, TRAIN, launch, run_inprocess, tiny_args, train_losses, val_losses
 from greentext_dist import checkpoint as ckpt

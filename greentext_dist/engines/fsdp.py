@@ -29,8 +29,6 @@ def apply_fsdp(model, env: DistEnv, precision: str, reshard_after_forward: bool,
 class FSDPEngine(DDPEngine):
     """Forward, backward, clip-and-step and lr as DDPEngine; sharding, sync and state are FSDP's own."""
 
-    reshardable = True  # DCP reshards model and optimizer state to any world size
-
     def __init__(self, model, optimizer, env: DistEnv, reshard_after_forward: bool, cpu_offload: bool):
         self.env, self.model, self.module, self.optimizer = env, model, model, optimizer
         self.autocast_dtype = None  # the MixedPrecisionPolicy casts parameters; no autocast on top

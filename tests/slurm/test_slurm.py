@@ -4,7 +4,6 @@ self-requeue and exact resume."""
 
 import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path

@@ -302,4 +302,11 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    code = cli()
+    # All work is saved and the process group is gone. Skip interpreter teardown: with gloo, torch's
+    # background threads occasionally abort there ("terminate called without an active exception"),
+    # which would turn a finished run into a failed exit code under torchrun.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -95,7 +95,9 @@ x = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(env.
 engine.backward(engine.forward(x).float().logsumexp(-1).mean())
 engine.step(1.0)
 assert model.lm_head.weight is model.transformer.wte.weight
-print("TIED", env.rank)
+print("TIED", env.rank, flush=True)
+torch.distributed.destroy_process_group()
+import os; os._exit(0)  # as train.py: skip teardown, where gloo threads rarely abort
 """
 
 

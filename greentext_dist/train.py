@@ -23,7 +23,7 @@ import torch
 from greentext_dist import checkpoint as ckpt
 from greentext_dist.config import Config, parse_args
 from greentext_dist.data import (
-    PackedStream, TrainLoader, DataState, count_corpus, first_example, is_val_post, open_dataset, text_getter,
+    IGNORE_INDEX, PackedStream, TrainLoader, DataState, count_corpus, first_example, is_val_post, open_dataset, text_getter,
     val_batches, val_rows,
 )
 from greentext_dist.dist import DistEnv, all_reduce_sum, init_distributed, on_main, preflight, shutdown
@@ -182,7 +182,7 @@ def evaluate(engine, rows, cfg: Config, env: DistEnv) -> float | None:
     for x, y in val_batches(rows, cfg.train.micro_batch_size, env.rank, env.world_size, cfg.train.eval_batches):
         x, y = x.to(env.device), y.to(env.device)
         total[0] += token_loss_sum(engine.forward(x), y)
-        total[1] += (y != -100).sum()
+        total[1] += (y != IGNORE_INDEX).sum()
     engine.train(True)
     total = all_reduce_sum(total)
     return (total[0] / total[1]).item() if total[1] > 0 else None

@@ -72,3 +72,11 @@ def val_losses(out: Path) -> list[float]:
     from greentext_dist.metrics import read_metrics
 
     return [r["val_loss"] for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]
+
+
+def reference_run(tmp_path_factory, args: list[str]) -> tuple[Path, list[float], list[float]]:
+    """The single-process reference every engine is compared with: (data, train losses, val losses)."""
+    d = tmp_path_factory.mktemp("ref")
+    data = write_posts(d / "posts.jsonl")
+    assert run_inprocess(tiny_args(data, d / "out", *args)) == 0
+    return data, train_losses(d / "out"), val_losses(d / "out")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TRAIN, run_inprocess, tiny_args, train_losses
+from conftest import reference_run, ROOT, TRAIN, tiny_args, train_losses
 from greentext_dist.config import accelerate_settings
 from greentext_dist.errors import UserError
 
@@ -16,12 +16,8 @@ COMMON = ["--global-batch-size", "8", "--micro-batch-size", "2", "--max-steps", 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from conftest import write_posts
-
-    d = tmp_path_factory.mktemp("ref")
-    data = write_posts(d / "posts.jsonl")
-    assert run_inprocess(tiny_args(data, d / "out", *COMMON)) == 0
-    return data, train_losses(d / "out")
+    data, losses, _ = reference_run(tmp_path_factory, COMMON)
+    return data, losses
 
 
 @pytest.mark.parametrize("config,engine", [("ddp.yaml", "engine       ddp"), ("deepspeed_zero2.yaml", "deepspeed zero2")])

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TRAIN, launch, run_inprocess, tiny_args, train_losses, val_losses
+from conftest import reference_run, ROOT, TRAIN, launch, run_inprocess, tiny_args, train_losses, val_losses
 from greentext_dist import checkpoint as ckpt
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="DeepSpeed builds its CPU comm op with g++")
@@ -25,12 +25,7 @@ ZERO3_ALL = {
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from conftest import write_posts
-
-    d = tmp_path_factory.mktemp("ref")
-    data = write_posts(d / "posts.jsonl")
-    assert run_inprocess(tiny_args(data, d / "out", *COMMON)) == 0
-    return data, train_losses(d / "out"), val_losses(d / "out")
+    return reference_run(tmp_path_factory, COMMON)
 
 
 def deepspeed_launch(args, nproc=2):

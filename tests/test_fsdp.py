@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, launch, run_inprocess, tiny_args, train_losses, val_losses
+from conftest import reference_run, ROOT, launch, tiny_args, train_losses, val_losses
 from greentext_dist import checkpoint as ckpt
 
 COMMON = ["--global-batch-size", "8", "--micro-batch-size", "2", "--max-steps", "4", "--eval-every", "2", "--lr", "1e-3"]
@@ -14,12 +14,7 @@ COMMON = ["--global-batch-size", "8", "--micro-batch-size", "2", "--max-steps", 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from conftest import write_posts
-
-    d = tmp_path_factory.mktemp("ref")
-    data = write_posts(d / "posts.jsonl")
-    assert run_inprocess(tiny_args(data, d / "out", *COMMON)) == 0
-    return data, train_losses(d / "out"), val_losses(d / "out")
+    return reference_run(tmp_path_factory, COMMON)
 
 
 def test_fsdp_matches_reference_fp32(reference, tmp_path):

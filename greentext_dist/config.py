@@ -30,7 +30,8 @@ class ModelConfig:
     model_path: str | None = _f(None, "local HF GPT-2 directory to start from (overrides --model's hub id)")
     tokenizer: str = _f("gpt2", "tokenizer hub id or local directory")
     dropout: float = _f(0.1, "dropout on embeddings, attention and residuals")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    gradient_checkpointing: bool | None = _f(None, "recompute activations in backward to save memory (default: on only when the planner says the model would not fit without it)")
+    compile: bool | None = _f(None, "torch.compile each transformer block and the loss (default: on for ddp/fsdp on a GPU, where it measured 1.7-2.9x faster; off on CPU)")
 
 
 @dataclass
@@ -41,6 +42,8 @@ class DataConfig:
     val_fraction: float = _f(0.05, "share of posts held out for validation, chosen by a hash of the post")
     seq_len: int = _f(1024, "tokens per packed training row")
     shuffle_buffer: int = _f(10_000, "posts in the seeded shuffle buffer")
+    packing: str = _f("concat", "concat: posts joined by <|endoftext|>; isolated: also restart positions and block attention at every post", ["concat", "isolated"])
+    prefetch: int = _f(8, "micro-batches tokenised ahead in a background thread (0: in the training loop)")
 
 
 @dataclass
@@ -71,6 +74,7 @@ class TrainConfig:
     log_every: int = _f(1, "steps between metric lines")
     eval_every: int = _f(50, "steps between validation passes (0: only at the end)")
     eval_batches: int | None = _f(None, "cap on validation micro-batches per rank (default: all)")
+    peak_tflops: float | None = _f(None, "device bf16 peak for MFU (default: from the GPU name; none on CPU)")
 
 
 @dataclass
@@ -216,7 +220,7 @@ def validate(cfg: Config) -> None:
         "--seq-len": d.seq_len, "--lr": o.lr, "--log-every": t.log_every, "--shuffle-buffer": d.shuffle_buffer,
         "--keep-last": cfg.checkpoint.keep_last,
     }
-    for flag in ("max_steps", "epochs", "halt_at_step", "eval_batches"):
+    for flag in ("max_steps", "epochs", "halt_at_step", "eval_batches", "peak_tflops"):
         if getattr(t, flag) is not None:
             positive["--" + flag.replace("_", "-")] = getattr(t, flag)
     for flag, value in positive.items():
@@ -224,7 +228,7 @@ def validate(cfg: Config) -> None:
             raise UserError(f"{flag} must be positive, got {value}", f"pass a value above 0 to {flag}")
     for flag, value in {"--min-lr": o.min_lr, "--weight-decay": o.weight_decay, "--grad-clip": o.grad_clip,
                         "--eval-every": t.eval_every, "--save-every": cfg.checkpoint.save_every,
-                        "--warmup-steps": o.warmup_steps or 0}.items():
+                        "--warmup-steps": o.warmup_steps or 0, "--prefetch": d.prefetch}.items():
         if value < 0:
             raise UserError(f"{flag} must not be negative, got {value}", f"pass 0 or more to {flag}")
     if not 0 <= d.val_fraction < 1:

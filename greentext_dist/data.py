@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import queue
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -191,28 +193,82 @@ def count_corpus(stream: PackedStream) -> dict:
 # ---------------------------------------------------------------- batches
 
 
-def to_batch(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def doc_positions(x: torch.Tensor, eos: int) -> torch.Tensor:
+    """Position ids that restart at every <|endoftext|>, which opens the next post, as at generation time."""
+    idx = torch.arange(x.shape[1], device=x.device).expand_as(x)
+    starts = torch.where(x == eos, idx, 0).cummax(dim=1).values
+    return idx - starts
+
+
+def isolated_inputs(position_ids: torch.Tensor | None) -> dict:
+    """Model inputs for isolated packing: restarted positions and a block-diagonal causal mask (True = attend),
+    passed as a 4-D mask that transformers hands to SDPA unchanged. (transformers' own packed-sequence
+    detection from position ids only remaps positions and still lets a post see the posts before it.)"""
+    if position_ids is None:
+        return {}
+    doc = (position_ids == 0).cumsum(dim=1)
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal
+    return {"position_ids": position_ids, "attention_mask": mask[:, None]}
+
+
+def to_batch(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.tensor(rows, dtype=torch.long)
-    return t[:, :-1].to(device, non_blocking=True), t[:, 1:].to(device, non_blocking=True)
+    return t[:, :-1], t[:, 1:]
+
+
+def _background(items: Iterator, depth: int) -> Iterator:
+    """Run an iterator in a daemon thread, `depth` items ahead. The tokenizer releases the GIL, so
+    posts are tokenised and packed while the accelerator computes. Errors surface in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def work():
+        try:
+            for item in items:
+                q.put((item, None))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
+            q.put((None, e))
+
+    threading.Thread(target=work, daemon=True, name="greentext-prefetch").start()
+    while True:
+        item, err = q.get()
+        if err is not None:
+            raise err
+        yield item
 
 
 class TrainLoader:
     """Micro-batches for one rank. Each call reads micro x world rows of the global stream and keeps
-    this rank's share, so the state after a call is the same on every rank."""
+    this rank's share, so the state after a call is the same on every rank. With `prefetch`, batches are
+    built ahead in a background thread; the order and the saved state are exactly the same."""
 
-    def __init__(self, stream: PackedStream, state: DataState, micro: int, rank: int, world: int, device):
-        self.micro, self.rank, self.world, self.device = micro, rank, world, device
+    def __init__(self, stream: PackedStream, state: DataState, micro: int, rank: int, world: int, device,
+                 prefetch: int = 0, isolated: bool = False):
+        self.micro, self.rank, self.world, self.device = micro, rank, world, torch.device(device)
+        self.eos, self.isolated = stream.eos, isolated
         self.state = state
         self._rows = stream.rows(state)
+        self._batches = _background(self._produce(), prefetch) if prefetch else self._produce()
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, DataState]:
-        mine = []
-        for _ in range(self.micro):
-            group = [next(self._rows) for _ in range(self.world)]
-            mine.append(group[self.rank][0])
-            self.state = group[-1][1]
-        x, y = to_batch(mine, self.device)
-        return x, y, self.state
+    def _produce(self):
+        pin = self.device.type == "cuda"
+        while True:
+            mine, state = [], None
+            for _ in range(self.micro):
+                group = [next(self._rows) for _ in range(self.world)]
+                mine.append(group[self.rank][0])
+                state = group[-1][1]
+            x, y = to_batch(mine)
+            pos = doc_positions(x, self.eos) if self.isolated else None
+            if pin:
+                x, y, pos = x.pin_memory(), y.pin_memory(), pos.pin_memory() if pos is not None else None
+            yield x, y, pos, state
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, DataState]:
+        x, y, pos, self.state = next(self._batches)
+        to = lambda t: t.to(self.device, non_blocking=True) if t is not None else None  # noqa: E731
+        return to(x), to(y), to(pos), self.state
 
 
 def val_rows(stream: PackedStream) -> list[list[int]]:
@@ -225,8 +281,8 @@ def val_rows(stream: PackedStream) -> list[list[int]]:
     return rows
 
 
-def val_batches(rows: list[list[int]], micro: int, rank: int, world: int, limit: int | None):
-    """This rank's validation batches. Every rank gets the same number of batches (sharded engines need
+def val_batches(rows: list[list[int]], micro: int, rank: int, world: int, limit: int | None, eos: int | None = None):
+    """This rank's validation batches (x, y, position ids when `eos` is given for isolated packing). Every rank gets the same number of batches (sharded engines need
     every rank in every forward); padding rows and positions carry IGNORE_INDEX targets."""
     T = max((len(r) for r in rows), default=2) - 1
     mine = rows[rank::world]
@@ -241,4 +297,4 @@ def val_batches(rows: list[list[int]], micro: int, rank: int, world: int, limit:
             r = torch.tensor(r, dtype=torch.long)
             x[i, :len(r) - 1] = r[:-1]
             y[i, :len(r) - 1] = r[1:]
-        yield x, y
+        yield x, y, doc_positions(x, eos) if eos is not None else None

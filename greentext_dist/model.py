@@ -119,8 +119,19 @@ def build_model(cfg: ModelConfig, weights_from: str | None = None, seed: int = 0
             )
         model = GPT2LMHeadModel.from_pretrained(src, attn_implementation="sdpa", dtype=torch.float32, **drop)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: gradient_...
+        if enable:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def apply_compile(model: GPT2LMHeadModel) -> None:
+    """torch.compile per block, after checkpointing wraps the blocks and before FSDP/DeepSpeed wrap them
+    (torchtitan's order): each block compiles once and is reused by all layers of the same shape."""
+    for block in model.transformer.h:
+        block.compile()
 
 
 def num_params(model: torch.nn.Module) -> int:

@@ -31,3 +31,19 @@ def model_flops_per_token(model, seq_len: int, recompute: bool = False) -> tuple
     n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) - c.n_positions * c.n_embd
     mf = flops_per_token(n, c.n_layer, c.n_embd, seq_len)
     return mf, mf * (4 / 3 if recompute else 1.0)
+
+
+def utilisation(tokens_per_s: float, flops: tuple[float, float], peak: float | None, world: int) -> dict:
+    """MFU and HFU per device; None without a known peak (CPU unless --peak-tflops)."""
+    if not peak:
+        return {"mfu": None, "hfu": None}
+    return {"mfu": tokens_per_s * flops[0] / (peak * 1e12 * world), "hfu": tokens_per_s * flops[1] / (peak * 1e12 * world)}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated accelerator memory; on CPU, the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

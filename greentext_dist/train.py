@@ -31,8 +31,9 @@ from greentext_dist.engines.ddp import apply_ddp
 from greentext_dist.errors import UserError
 from greentext_dist.loss import global_target_count, token_loss_sum
 from greentext_dist.metrics import MetricsLog
-from greentext_dist.model import build_model, check_matches_preset, init_kind, model_config, num_params, source_of
+from greentext_dist.model import apply_compile, build_model, check_matches_preset, init_kind, model_config, num_params, source_of
 from greentext_dist.optim import build_optimizer, lr_at, warmup_steps
+from greentext_dist import perf, plan as planner
 from greentext_dist.signals import GracefulStop
 from greentext_dist.tokenizer import load_tokenizer
 from greentext_dist.ui import TrainProgress, console, fail, setup_logging, summary_table
@@ -118,8 +119,12 @@ def build_engine(cfg: Config, env: DistEnv, plan: dict, resume_from: Path | None
 
             gather = lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0)  # noqa: E731
         model = build_model(cfg.model, weights_from=weights, seed=cfg.train.seed, gather=gather)
+        if cfg.model.compile:
+            apply_compile(model)
         return apply_deepspeed(model, build_ds_optimizer(model, cfg.optim, ds_config, env.device), env, ds_config), model
     model = build_model(cfg.model, weights_from=weights, seed=cfg.train.seed).to(env.device)
+    if cfg.model.compile:
+        apply_compile(model)
     if cfg.train.backend == "fsdp":
         from greentext_dist.engines.fsdp import FSDPEngine, apply_fsdp
 
@@ -130,22 +135,51 @@ def build_engine(cfg: Config, env: DistEnv, plan: dict, resume_from: Path | None
     return apply_ddp(model, build_optimizer(model, cfg.optim, env.device), env, cfg.train.precision), model
 
 
-def print_summary(cfg: Config, env: DistEnv, layout: dict, engine, model, corpus: dict, val_corpus: dict | None, plan: dict, resume_from) -> None:
+def memory_plan(cfg: Config, env: DistEnv, config, checkpointing: bool) -> dict:
+    """The planner's per-GPU peak for this run (same numbers as `python -m greentext_dist.plan`)."""
+    t = cfg.train
+    s = planner.shape_for(config.n_layer, config.n_embd, config.vocab_size, config.n_positions)
+    key = planner.engine_key(t.backend, t.offload or t.fsdp_cpu_offload)
+    mem = planner.peak_bytes(s, key, env.world_size, t.micro_batch_size, cfg.data.seq_len, checkpointing, t.precision, cfg.model.compile)
+    budget = torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None
+    return {**mem, "budget": budget, "key": key, "shape": s}
+
+
+def resolve_checkpointing(cfg: Config, env: DistEnv, config) -> bool:
+    """--gradient-checkpointing on/off as given; by default on only where the planner says it is needed."""
+    if cfg.model.gradient_checkpointing is not None:
+        return cfg.model.gradient_checkpointing
+    mem = memory_plan(cfg, env, config, False)
+    if mem["budget"] and mem["peak"] > 0.9 * mem["budget"]:
+        log.info(f"gradient checkpointing on: without it the planned peak is {mem['peak'] / 2**30:.1f} GiB "
+                 f"of {mem['budget'] / 2**30:.0f} GiB (--no-gradient-checkpointing to override)")
+        return True
+    return False
+
+
+def memory_line(mem: dict) -> str:
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    where = f"of {gib(mem['budget'])}" if mem["budget"] else "(planned for a GPU)"
+    return f"~{gib(mem['peak'])} peak {where}: {gib(mem['states'])} params+grads+optimizer, {gib(mem['activations'])} activations"
+
+
+def print_summary(cfg: Config, env: DistEnv, layout: dict, engine, model, corpus: dict, val_corpus: dict | None, plan: dict, resume_from, mem: dict) -> None:
     t, d = cfg.train, cfg.data
     src = source_of(cfg.model) or "random init"
     rows = [
         ("model", f"GPT-2 {cfg.model.model} ({num_params(model) / 1e6:.1f}M params, {init_kind(cfg.model)}: {src})"),
-        ("engine", f"{engine.name}, {t.precision}, gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}"),
+        ("engine", f"{engine.name}, {t.precision}, gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}"
+                   + (", torch.compile" if cfg.model.compile else "")),
         ("world", f"{env.world_size} rank(s) on {env.device.type}: {layout['nodes']} node(s) x {'/'.join(map(str, sorted(set(layout['ranks_per_node']))))}"
                   + (f", {layout['gpus'][0]}" if layout["gpus"] else "")),
         ("batch", f"{t.micro_batch_size} micro x {plan['grad_accum']} accumulation x {env.world_size} ranks = {t.global_batch_size} sequences"),
         ("tokens/step", f"{plan['tokens_per_step']:,} ({t.global_batch_size} x {d.seq_len})"),
         ("corpus", f"{corpus['posts']:,} posts, {corpus['tokens']:,} tokens, {corpus['rows']:,} rows of {d.seq_len}"
-                   f" (packing keeps {corpus['rows'] * d.seq_len / max(corpus['tokens'], 1):.1%} of tokens as targets)"),
+                   f" ({d.packing} packing keeps {corpus['rows'] * d.seq_len / max(corpus['tokens'], 1):.1%} of tokens as targets)"),
         ("validation", f"{val_corpus['posts']:,} posts, {val_corpus['tokens']:,} tokens" if val_corpus else "none"),
         ("schedule", f"{plan['max_steps']} steps = {plan['epochs']:.2f} epochs ({plan['steps_per_epoch']:.3g} steps/epoch), "
                      f"lr {cfg.optim.lr:g} warmup {warmup_steps(cfg.optim, plan['max_steps'])} cosine to {cfg.optim.min_lr:g}"),
-        *([("memory/rank", engine.memory_note)] if getattr(engine, "memory_note", None) else []),
+        ("memory/rank", memory_line(mem)),
         ("output", f"{cfg.checkpoint.output_dir}" + (f" (resuming from {resume_from})" if resume_from else "")),
     ]
     console.print(summary_table("greentext_dist", rows))
@@ -156,32 +190,40 @@ def print_summary(cfg: Config, env: DistEnv, layout: dict, engine, model, corpus
     if cpus and os.environ.get("SLURM_NTASKS_PER_NODE", "1") == "1" and int(cpus) < max(layout["ranks_per_node"]):
         log.warning(f"--cpus-per-task={cpus} gives fewer CPUs than the {max(layout['ranks_per_node'])} ranks on a node: "
                     "tokenisation and NCCL threads will starve. Ask for at least one CPU per rank (better 4-8).")
+    if mem["budget"] and mem["peak"] > 0.95 * mem["budget"]:
+        s, budget = mem["shape"], 0.9 * mem["budget"]
+        fit = planner.largest_micro(s, mem["key"], env.world_size, budget, d.seq_len, bool(cfg.model.gradient_checkpointing), t.precision,
+                                    cfg.model.compile)
+        log.warning(f"likely out of memory: planned peak {mem['peak'] / 2**30:.1f} GiB on a {mem['budget'] / 2**30:.0f} GiB GPU. "
+                    + (f"Try --micro-batch-size {fit}" if fit else "Try --gradient-checkpointing, --backend zero3/fsdp or --offload")
+                    + f" (see python -m greentext_dist.plan --model {cfg.model.model} --gpus {env.world_size}).")
     if plan["epochs"] > 20:
         log.warning(f"{plan['epochs']:.0f} epochs planned over a small corpus: watch val_loss for overfitting.")
 
 
-def train_step(engine, batches: list[tuple[torch.Tensor, torch.Tensor]], grad_clip: float, device) -> tuple:
-    """One optimizer step over this rank's micro-batches. Returns (this rank's share of the loss, grad norm,
-    global target count) as device tensors: nothing here waits for the GPU."""
-    n_targets = global_target_count(batches, device)
+def train_step(engine, batches: list[tuple], grad_clip: float, device, loss_fn=token_loss_sum) -> tuple:
+    """One optimizer step over this rank's micro-batches (x, y, position ids or None). Returns (this rank's
+    share of the loss, grad norm, global target count) as device tensors: nothing here waits for the GPU."""
+    n_targets = global_target_count([(x, y) for x, y, _ in batches], device)
     step_loss = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(batches):
+    for i, (x, y, pos) in enumerate(batches):
         with engine.accumulating(last=i == len(batches) - 1):
-            loss = token_loss_sum(engine.forward(x), y) / n_targets
+            loss = loss_fn(engine.forward(x, pos), y) / n_targets
             engine.backward(loss)
         step_loss += loss.detach()
     return step_loss, engine.step(grad_clip), n_targets
 
 
 @torch.no_grad()
-def evaluate(engine, rows, cfg: Config, env: DistEnv) -> float | None:
+def evaluate(engine, rows, cfg: Config, env: DistEnv, eos_id: int) -> float | None:
     if not rows:
         return None
     engine.train(False)
     total = torch.zeros(2, device=env.device)
-    for x, y in val_batches(rows, cfg.train.micro_batch_size, env.rank, env.world_size, cfg.train.eval_batches):
+    eos = eos_id if cfg.data.packing == "isolated" else None
+    for x, y, pos in val_batches(rows, cfg.train.micro_batch_size, env.rank, env.world_size, cfg.train.eval_batches, eos):
         x, y = x.to(env.device), y.to(env.device)
-        total[0] += token_loss_sum(engine.forward(x), y)
+        total[0] += token_loss_sum(engine.forward(x, pos.to(env.device) if pos is not None else None), y)
         total[1] += (y != IGNORE_INDEX).sum()
     engine.train(True)
     total = all_reduce_sum(total)
@@ -217,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
             f"checkpoint {resume_from} was written by {state['world_size']} ranks with {state['backend']}, this run has {env.world_size}",
             f"relaunch with {state['world_size']} ranks, or start a new run from its weights: --model-path {resume_from} --resume never",
         )
+    if cfg.model.compile is None:
+        cfg.model.compile = env.device.type == "cuda" and t.backend in ("ddp", "fsdp")
+    model_shape = model_config(cfg.model, str(resume_from) if resume_from else None)
+    cfg.model.gradient_checkpointing = resolve_checkpointing(cfg, env, model_shape)
+    mem = memory_plan(cfg, env, model_shape, cfg.model.gradient_checkpointing)
     torch.manual_seed(t.seed)
     engine, model = build_engine(cfg, env, plan, resume_from)
     if resume_from:
@@ -224,14 +271,18 @@ def main(argv: list[str] | None = None) -> int:
     if not (resume_from and ckpt.load_rng_state(resume_from, env.rank)):
         torch.manual_seed(t.seed + env.rank + (state["step"] if state else 0))  # dropout differs per rank
     if env.is_main:
-        print_summary(cfg, env, layout, engine, model, corpus, val_corpus, plan, resume_from)
+        print_summary(cfg, env, layout, engine, model, corpus, val_corpus, plan, resume_from, mem)
     if state and state["max_steps"] != max_steps:
         log.warning(f"the checkpoint was planned for {state['max_steps']} steps, this run for {max_steps}: the lr schedule changes")
 
     step = state["step"] if state else 0
     data_state = DataState(**state["data"]) if state else DataState()
     tokens = torch.tensor(float(state["tokens"]) if state else 0.0, device=env.device)
-    loader = TrainLoader(train_stream, data_state, t.micro_batch_size, env.rank, env.world_size, env.device)
+    loader = TrainLoader(train_stream, data_state, t.micro_batch_size, env.rank, env.world_size, env.device,
+                         prefetch=cfg.data.prefetch, isolated=cfg.data.packing == "isolated")
+    loss_fn = torch.compile(token_loss_sum) if cfg.model.compile else token_loss_sum  # fuses the fp32 upcast into the loss
+    flops = perf.model_flops_per_token(model, cfg.data.seq_len, recompute=bool(cfg.model.gradient_checkpointing))
+    peak = perf.peak_tflops(env.device, t.peak_tflops)
     metrics = MetricsLog(out / "metrics.jsonl", step if state else None, env.is_main)
     last_saved = step if state else None
 
@@ -246,23 +297,25 @@ def main(argv: list[str] | None = None) -> int:
         while step < max_steps:
             engine.set_lr(lr := lr_at(step, cfg.optim, max_steps))
             batches = [loader.next_batch() for _ in range(plan["grad_accum"])]
-            data_state = batches[-1][2]
-            step_loss, grad_norm, n_targets = train_step(engine, [(x, y) for x, y, _ in batches], cfg.optim.grad_clip, env.device)
+            data_state = batches[-1][3]
+            step_loss, grad_norm, n_targets = train_step(engine, [b[:3] for b in batches], cfg.optim.grad_clip, env.device, loss_fn)
             tokens += n_targets
             step += 1
 
             if step % t.log_every == 0 or step == max_steps:
                 loss_val = all_reduce_sum(step_loss).item()  # metrics are read only on log steps
                 now, tok = time.perf_counter(), tokens.item()
-                rec = dict(step=step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), tokens=int(tok),
-                           tokens_per_s=(tok - tokens_at_log) / (now - t_log))
+                tps = (tok - tokens_at_log) / (now - t_log)
+                rec = dict(step=step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), tokens=int(tok), tokens_per_s=tps,
+                           **perf.utilisation(tps, flops, peak, env.world_size), peak_mem_gb=perf.peak_memory_gib(env.device))
                 t_log, tokens_at_log = now, tok
                 metrics.write(**rec)
-                bar.update(step, f"loss {loss_val:.4f}  lr {lr:.2e}  {rec['tokens_per_s']:,.0f} tok/s")
+                bar.update(step, f"loss {loss_val:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
+                           + (f"  MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else "") + f"  mem {rec['peak_mem_gb']:.1f} GiB")
             else:
                 bar.update(step)
             if val and t.eval_every and step % t.eval_every == 0 and step != max_steps:
-                val_loss = evaluate(engine, val, cfg, env)
+                val_loss = evaluate(engine, val, cfg, env, tokenizer.eos_token_id)
                 metrics.write(step=step, val_loss=val_loss)
                 bar.note(f"step {step}: val_loss {val_loss:.4f}")
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step != max_steps:
@@ -277,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
 
     if val:
-        val_loss = evaluate(engine, val, cfg, env)
+        val_loss = evaluate(engine, val, cfg, env, tokenizer.eos_token_id)
         metrics.write(step=step, val_loss=val_loss)
         if env.is_main:
             console.print(f"final val_loss {val_loss:.4f}")

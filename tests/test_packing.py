@@ -97,11 +97,11 @@ def test_ranks_split_the_global_stream(mixed):
     per_rank = []
     for rank in range(2):
         loader = TrainLoader(stream, DataState(), micro=3, rank=rank, world=2, device="cpu")
-        x, y, state = loader.next_batch()
-        x2, _, state2 = loader.next_batch()
+        x, y, _, state = loader.next_batch()
+        x2, _, _, state2 = loader.next_batch()
         per_rank.append((x.tolist() + x2.tolist(), state2))
     single = TrainLoader(stream, DataState(), micro=12, rank=0, world=1, device="cpu")
-    x1, _, s1 = single.next_batch()
+    x1, _, _, s1 = single.next_batch()
     assert per_rank[0][1] == per_rank[1][1]  # the data position is the same on every rank
     assert per_rank[0][1] == s1 and s1.rows == 12  # ... and independent of the world size
     assert x1.tolist() == [r[:-1] for r in global_rows]
@@ -130,6 +130,6 @@ def test_val_batches_pad_and_balance_ranks(mixed):
     counts = []
     for rank in range(3):
         batches = list(val_batches(rows, 2, rank, 3, None))
-        counts.append((len(batches), sum(int((y != -100).sum()) for _, y in batches)))
+        counts.append((len(batches), sum(int((y != -100).sum()) for _, y, _ in batches)))
     assert len({c for c, _ in counts}) == 1  # same number of forwards on every rank
     assert sum(t for _, t in counts) == n_targets

@@ -9,6 +9,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from greentext_dist.data import isolated_inputs
 from greentext_dist.dist import DistEnv
 
 
@@ -20,9 +21,9 @@ class DDPEngine:
         self.model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None) if env.distributed else model
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast(self.env.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.model(input_ids=x, use_cache=False).logits
+            return self.model(input_ids=x, use_cache=False, **isolated_inputs(position_ids)).logits
 
     def accumulating(self, last: bool):
         # Gradients are all-reduced once per optimizer step, on its last micro-batch.

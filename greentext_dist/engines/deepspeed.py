@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from greentext_dist.config import Config
+from greentext_dist.data import isolated_inputs
 from greentext_dist.dist import DistEnv
 from greentext_dist.errors import UserError
 
@@ -90,13 +91,9 @@ class DeepSpeedEngine:
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
-        from greentext_dist.model import num_params
 
-        mem = memory_per_rank(num_params(self.module), ds_config, env.world_size)
-        self.memory_note = "  ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in mem.items()) + " (estimate; activations extra)"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.engine(input_ids=x, use_cache=False).logits
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.engine(input_ids=x, use_cache=False, **isolated_inputs(position_ids)).logits
 
     def accumulating(self, last: bool):
         import contextlib
@@ -155,18 +152,3 @@ class DeepSpeedEngine:
 
 def apply_deepspeed(model, optimizer, env: DistEnv, ds_config: dict) -> DeepSpeedEngine:
     return DeepSpeedEngine(model, optimizer, env, ds_config)
-
-
-def memory_per_rank(n_params: int, ds_config: dict, world: int) -> dict:
-    """Estimated bytes per rank for parameters, gradients and optimizer state (ZeRO paper accounting)."""
-    z = ds_config["zero_optimization"]
-    stage, bf16 = z["stage"], ds_config.get("bf16", {}).get("enabled", False)
-    p_bytes = 2 if bf16 else 4
-    params = n_params * p_bytes / (world if stage == 3 else 1)
-    grads = n_params * 4 / world  # fp32 gradient accumulation, partitioned from ZeRO-2 on
-    optim = n_params * (12 if bf16 else 8) / world  # (fp32 master +) Adam moments
-    return {
-        "params": 0.0 if "offload_param" in z else params,
-        "grads": grads,
-        "optimizer": 0.0 if "offload_optimizer" in z else optim,
-    }

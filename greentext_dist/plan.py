@@ -1,0 +1,199 @@
+"""Memory and time planner: will a GPT-2 size fit, with which engine, micro-batch and accumulation?
+
+    python -m greentext_dist.plan --model xl --gpus 8 --gpu-memory 80
+
+Model states (parameters, gradients, optimizer) use DeepSpeed's own accounting for ZeRO-2/3 (the formulas
+of `estimate_zero2/3_model_states_mem_needs`, checked in tests) and the same style for DDP and FSDP.
+Activations are calibrated on measured peaks of HF GPT-2 on an H200, eager and compiled (docs/benchmarks.md): bytes per
+layer per token-width unit (b x T x d) and bytes per logit (b x T x vocab). The peak is the larger of
+"forward + backward" (states without gradients, plus all activations and logits) and "optimizer step"
+(every state at once). The same numbers drive train.py's start summary, its OOM warning and the
+automatic gradient-checkpointing choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+from greentext_dist.model import PRESETS
+
+VOCAB, POSITIONS = 50257, 1024
+GIB = 2**30
+# Calibrated bytes per b*T*d per layer: autocast over fp32 weights keeps an fp32 residual stream and HF's
+# Python GELU saves several intermediates (ddp); engines that run bf16 weights (fsdp, zero) keep less.
+ACT_PER_LAYER = {"autocast": 84.0, "bf16": 52.0, "fp32": 120.0}
+ACT_CHECKPOINTED = {"autocast": 4.0, "bf16": 2.0, "fp32": 4.0}  # the saved block input per layer
+LOGIT_BYTES = 12.0  # bf16 logits, their fp32 copy for the loss, and its saved log-softmax
+# torch.compile (per block, and the loss) fuses GELU and the loss's fp32 upcast: far fewer saved tensors.
+ACT_PER_LAYER_COMPILED, LOGIT_BYTES_COMPILED = 36.0, 3.1
+# Engine buffers outside DeepSpeed's model-state accounting, bytes per parameter per GPU (calibrated):
+# ZeRO-3 holds fp32 gradient-accumulation partitions and flat 16-bit copies alongside the activations.
+WORKSPACE = {"zero3": 3.5}
+ENGINES = ["ddp", "zero2", "zero3", "fsdp", "zero2_offload", "zero3_offload", "fsdp_offload"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layer: int
+    n_embd: int
+    n_params: int  # tied head counted once, position embeddings included
+    largest_layer: int  # the token embedding (= tied head)
+
+    @property
+    def block_params(self) -> int:
+        return 12 * self.n_embd**2 + 13 * self.n_embd
+
+
+def shape(model: str) -> Shape:
+    _, n_layer, d, _ = PRESETS[model]
+    return shape_for(n_layer, d)
+
+
+def shape_for(n_layer: int, d: int, vocab: int = VOCAB, positions: int = POSITIONS) -> Shape:
+    n = vocab * d + positions * d + n_layer * (12 * d * d + 13 * d) + 2 * d
+    return Shape(n_layer, d, n, vocab * d)
+
+
+def engine_key(backend: str, offload: bool) -> str:
+    return f"{backend}_offload" if offload and backend != "ddp" else backend
+
+
+def model_states(s: Shape, engine: str, gpus: int, precision: str = "bf16") -> tuple[float, float]:
+    """(bytes per GPU held through forward/backward, bytes of gradients) for one engine."""
+    n, g = s.n_params, gpus
+    if engine == "ddp":
+        # fp32 weights + Adam moments; gradients fp32 (+ DDP's bucket copy when distributed); autocast caches bf16 weights.
+        return 12 * n + (2 * n if precision == "bf16" else 0), 4 * n + (4 * n if g > 1 else 0)
+    if engine == "zero2":  # DeepSpeed: 2 (16-bit params) + 18/G (16-bit + fp32 grads, fp32 master, Adam moments)
+        return 2 * n + 12 * n / g, 6 * n / g
+    if engine == "zero2_offload":
+        return 2 * n, 0.0
+    if engine == "zero3":  # DeepSpeed: 4 x largest layer (gathered) + 18/G
+        return 4 * s.largest_layer + 14 * n / g, 4 * n / g
+    if engine == "zero3_offload":
+        return 4 * s.largest_layer, 0.0
+    if engine == "fsdp":  # fp32 shards of params + Adam, fp32 grad shards; two bf16 blocks gathered at a time
+        return 12 * n / g + 2 * 2 * (s.largest_layer + s.block_params), 4 * n / g
+    if engine == "fsdp_offload":
+        return 2 * 2 * (s.largest_layer + s.block_params), 0.0
+    raise ValueError(engine)
+
+
+def compute_kind(engine: str, precision: str) -> str:
+    if precision == "fp32":
+        return "fp32"
+    return "autocast" if engine == "ddp" else "bf16"
+
+
+def activations(s: Shape, engine: str, micro: int, seq_len: int, checkpointing: bool, precision: str = "bf16",
+                compiled: bool = False) -> float:
+    unit = micro * seq_len * s.n_embd
+    kind = compute_kind(engine, precision)
+    full = ACT_PER_LAYER_COMPILED if compiled and kind != "fp32" else ACT_PER_LAYER[kind]
+    logits = LOGIT_BYTES_COMPILED if compiled else LOGIT_BYTES
+    if checkpointing:
+        layers = s.n_layer * ACT_CHECKPOINTED[kind] * unit + full * unit  # + one block recomputed
+    else:
+        layers = s.n_layer * full * unit
+    return layers + logits * micro * seq_len * VOCAB
+
+
+def peak_bytes(s: Shape, engine: str, gpus: int, micro: int, seq_len: int, checkpointing: bool, precision: str = "bf16",
+               compiled: bool = False) -> dict:
+    held, grads = model_states(s, engine, gpus, precision)
+    act = activations(s, engine, micro, seq_len, checkpointing, precision, compiled)
+    held += WORKSPACE.get(engine, 0.0) * s.n_params / gpus
+    return {"states": held + grads, "activations": act, "peak": max(held + act, held + grads)}
+
+
+def largest_micro(s: Shape, engine: str, gpus: int, budget: float, seq_len: int, checkpointing: bool, precision: str = "bf16",
+                  compiled: bool = False) -> int:
+    b = 0
+    while b < 1024 and peak_bytes(s, engine, gpus, b + 1, seq_len, checkpointing, precision, compiled)["peak"] <= budget:
+        b += 1
+    return b
+
+
+def plan_engine(model: str, engine: str, gpus: int, gpu_memory_gib: float, *, seq_len: int = 1024, global_batch: int = 512,
+                micro: int | None = None, mfu: float = 0.4, peak_tflops: float = 989.0, headroom: float = 0.9,
+                compiled: bool = False) -> dict:
+    """One row of the plan. `headroom`: share of the card the allocator may use (fragmentation, CUDA context)."""
+    s = shape(model)
+    budget = gpu_memory_gib * GIB * headroom
+    row: dict = {"engine": engine}
+    for gc in (False, True):
+        best = largest_micro(s, engine, gpus, budget, seq_len, gc, compiled=compiled)
+        row["max_micro_gc" if gc else "max_micro"] = best
+    gc = row["max_micro"] == 0 or (micro is not None and micro > row["max_micro"])
+    b = micro or max(1, _divisor_at_most(global_batch // gpus if global_batch % gpus == 0 else 1, row["max_micro_gc" if gc else "max_micro"]))
+    mem = peak_bytes(s, engine, gpus, b, seq_len, gc, compiled=compiled)
+    held, grads = model_states(s, engine, gpus)
+    n_no_pos = s.n_params - POSITIONS * s.n_embd
+    flops_per_token = 6 * n_no_pos + 12 * s.n_layer * s.n_embd * seq_len
+    step_s = global_batch * seq_len * flops_per_token / (gpus * peak_tflops * 1e12 * mfu)
+    per_pass = b * gpus
+    row.update(
+        checkpointing=gc, micro=b, fits=mem["peak"] <= budget,
+        grad_accum=global_batch // per_pass if global_batch % per_pass == 0 else None,
+        params_grads_optim_gib=(held + grads) / GIB, activations_gib=mem["activations"] / GIB,
+        activations_nogc_gib=activations(s, engine, b, seq_len, False, compiled=compiled) / GIB,
+        activations_gc_gib=activations(s, engine, b, seq_len, True, compiled=compiled) / GIB,
+        peak_gib=mem["peak"] / GIB, step_s=step_s,
+    )
+    return row
+
+
+def _divisor_at_most(n: int, cap: int) -> int:
+    """Largest divisor of n that is <= cap (so micro x GPUs x accumulation hits the global batch exactly)."""
+    return max((d for d in range(1, min(n, cap) + 1) if n % d == 0), default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="greentext_dist.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="xl", choices=[m for m in PRESETS if m != "tiny"] + ["tiny"])
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in total")
+    p.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--global-batch-size", type=int, default=512)
+    p.add_argument("--micro-batch-size", type=int, default=None, help="plan this micro-batch instead of the largest that fits")
+    p.add_argument("--compile", action="store_true", help="plan for --compile (fused GELU and loss: fewer saved activations)")
+    p.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation for the step time")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 peak (H100 SXM / H200: 989)")
+    a = p.parse_args(argv)
+    if a.gpus < 1 or a.gpu_memory <= 0 or not 0 < a.mfu <= 1:
+        print("error: --gpus must be >= 1, --gpu-memory > 0 and --mfu in (0, 1]. Fix: pass valid values.", file=sys.stderr)
+        return 2
+    from rich.console import Console
+    from rich.table import Table
+
+    from greentext_dist.ui import summary_table
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
+
+    s = shape(a.model)
+    console.print(summary_table("plan", [
+        ("model", f"GPT-2 {a.model}: {s.n_params / 1e6:.0f}M params, {s.n_layer} layers x {s.n_embd}"),
+        ("cluster", f"{a.gpus} GPU(s) x {a.gpu_memory:g} GiB (planning to {0.9:.0%} of it)"),
+        ("batch", f"{a.global_batch_size} sequences of {a.seq_len} per step; step time at {a.mfu:.0%} MFU of {a.peak_tflops:g} TFLOP/s"),
+    ]))
+    table = Table(box=None, pad_edge=False)
+    for col in ["engine", "states GiB", "act GiB no-GC/GC", "GC", "micro", "accum", "peak GiB", "fits", "step s"]:
+        table.add_column(col, justify="left" if col in ("engine", "fits", "GC") else "right", no_wrap=True)
+    for engine in ENGINES:
+        r = plan_engine(a.model, engine, a.gpus, a.gpu_memory, seq_len=a.seq_len, global_batch=a.global_batch_size,
+                        micro=a.micro_batch_size, mfu=a.mfu, peak_tflops=a.peak_tflops, compiled=a.compile)
+        table.add_row(
+            engine, f"{r['params_grads_optim_gib']:.1f}", f"{r['activations_nogc_gib']:.1f}/{r['activations_gc_gib']:.1f}",
+            "on" if r["checkpointing"] else "off", str(r["micro"]), str(r["grad_accum"] or "-"), f"{r['peak_gib']:.1f}",
+            "[green]yes[/]" if r["fits"] else "[red]no[/]", f"{r['step_s']:.1f}",
+        )
+    console.print(table)
+    console.print("states = parameters + gradients + optimizer state per GPU; act = activations + logits of one micro-batch. "
+                  "Offload variants keep optimizer state (and for zero3/fsdp, parameters) in CPU memory.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,28 +27,40 @@ def as_greentext(prompt: str) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, *, num_samples: int = 4, max_new_tokens: int = 200, temperature: float = 0.8,
-             top_k: int = 50, top_p: float = 0.95, seed: int = 0, prefix: str | None = None, include_prefix: bool = True) -> list[str]:
-    """Batched sampling with the KV cache, stopping each sample at <|endoftext|>. Same seed, same samples."""
+             top_k: int = 50, top_p: float = 0.95, seed: int = 0, prefix: str | None = None, include_prefix: bool = True,
+             synced_gpus: bool = False) -> list[str]:
+    """Samples for one prompt, batched, with the KV cache, each stopping at <|endoftext|>. Same seed, same samples."""
     text = (prefix or "") + (as_greentext(prompt) if prompt else "")
-    # With no prompt, start from <|endoftext|>, as every post in training follows one.
-    ids = tokenizer.encode(text) if text else []
-    input_ids = torch.tensor([[tokenizer.eos_token_id] + ids] * num_samples, device=model.device)
+    out = generate_batch(model, tokenizer, [text], num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, seed=seed, synced_gpus=synced_gpus)[0]
+    if not include_prefix and prefix:
+        out = [s[len(prefix):] for s in out]
+    return out
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, texts: list[str], *, num_samples: int = 1, max_new_tokens: int = 200, temperature: float = 0.8,
+                   top_k: int = 50, top_p: float = 0.95, seed: int = 0, synced_gpus: bool = False) -> list[list[str]]:
+    """Raw texts (already formatted) -> num_samples continuations each, all in one left-padded batch.
+    Every text starts after <|endoftext|>, as every post does in training. temperature 0 is greedy."""
+    eos = tokenizer.eos_token_id
+    rows = [[eos] + tokenizer.encode(t) for t in texts for _ in range(num_samples)]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[eos] * (width - len(r)) + r for r in rows], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
     torch.manual_seed(seed)
+    sampling = temperature > 0
     out = model.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), do_sample=temperature > 0, temperature=temperature or None,
-        top_k=top_k or None, top_p=top_p, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id, use_cache=True,
+        input_ids, attention_mask=attention_mask, do_sample=sampling, temperature=temperature if sampling else None,
+        top_k=(top_k or None) if sampling else None, top_p=top_p if sampling else None, max_new_tokens=max_new_tokens,
+        eos_token_id=eos, pad_token_id=eos, use_cache=True, synced_gpus=synced_gpus,
     )
     samples = []
-    for row in out[:, input_ids.shape[1]:].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[:row.index(tokenizer.eos_token_id)]
-        body = tokenizer.decode(row)
-        full = text + body
-        if not include_prefix and prefix:
-            full = full[len(prefix):]
-        samples.append(full)
-    return samples
+    for i, row in enumerate(out[:, width:].tolist()):
+        if eos in row:
+            row = row[:row.index(eos)]
+        samples.append(texts[i // num_samples] + tokenizer.decode(row))
+    return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(texts))]
 
 
 def show(samples: list[str]) -> None:

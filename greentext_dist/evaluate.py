@@ -1,0 +1,181 @@
+"""Evaluate any HF GPT-2 directory (ours or the hub's): validation loss, HellaSwag, robustness.
+
+    python -m greentext_dist.evaluate out/final --task val-loss --dataset DarwinAnim8or/greentext
+    python -m greentext_dist.evaluate out/final --task hellaswag --data Rowan/hellaswag [--limit N]
+    python -m greentext_dist.evaluate out/final --task robustness --dataset DarwinAnim8or/greentext
+    torchrun --nproc_per_node 8 -m greentext_dist.evaluate out/final --task hellaswag ...   (sharded, all-reduced)
+
+Prints the result and writes it as JSON (--output); robustness also writes a Markdown report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from greentext_dist.errors import UserError
+from greentext_dist.ui import console, fail, setup_logging
+
+
+def val_loss(model, tokenizer, a, env) -> dict:
+    """The training definition: the same held-out posts (hash split), packing, and token-sum / token-count."""
+    from greentext_dist.data import IGNORE_INDEX, PackedStream, first_example, is_val_post, open_dataset, text_getter, val_batches, val_rows
+    from greentext_dist.dist import all_reduce_sum
+    from greentext_dist.loss import token_loss_sum
+
+    ds = open_dataset(a.dataset)
+    get_text = text_getter(first_example(ds, a.dataset), a.text_field, a.dataset)
+    keep = (lambda t: True) if a.all_posts else (lambda t: is_val_post(t, a.val_fraction))
+    stream = PackedStream(ds, get_text, tokenizer, a.seq_len, seed=0, shuffle_buffer=1, keep=keep, shuffle=False)
+    rows = val_rows(stream)
+    if not rows:
+        raise UserError(f"no validation posts in {a.dataset} at --val-fraction {a.val_fraction}", "pass --all-posts to score the whole file")
+    eos = tokenizer.eos_token_id if a.packing == "isolated" else None
+    total = torch.zeros(2, dtype=torch.float64, device=env.device)
+    from greentext_dist.data import isolated_inputs
+
+    for x, y, pos in val_batches(rows, a.batch_size, env.rank, env.world_size, None, eos):
+        with autocast(env, a.precision):
+            logits = model(input_ids=x.to(env.device), use_cache=False,
+                           **isolated_inputs(pos.to(env.device) if pos is not None else None)).logits
+        y = y.to(env.device)
+        total[0] += token_loss_sum(logits, y).double()
+        total[1] += (y != IGNORE_INDEX).sum()
+    total = all_reduce_sum(total)
+    loss = (total[0] / total[1]).item()
+    return {"task": "val-loss", "dataset": a.dataset, "val_loss": loss, "perplexity": float(torch.tensor(loss).exp()),
+            "tokens": int(total[1]), "seq_len": a.seq_len, "packing": a.packing}
+
+
+def hellaswag(model, tokenizer, a, env) -> dict:
+    from greentext_dist.hellaswag import evaluate_hellaswag, load_items
+
+    items = load_items(a.data, limit=a.limit)
+    with autocast(env, a.precision):
+        return {**evaluate_hellaswag(model, tokenizer, items, env.rank, env.world_size, a.batch_size, env.device), "data": a.data}
+
+
+def robustness(model, tokenizer, a, env) -> dict:
+    from greentext_dist.data import first_example, open_dataset, text_getter
+    from greentext_dist.generate import as_greentext, generate_batch
+    from greentext_dist.robustness import DEVIATION_PROMPTS, GREENTEXT_PROMPTS, corpus_automaton, summarise
+
+    ds = open_dataset(a.dataset)
+    get_text = text_getter(first_example(ds, a.dataset), a.text_field, a.dataset)
+    posts = [t for t in (get_text(ex).strip() for ex in ds) if t]
+    automaton = corpus_automaton(tokenizer(posts, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id)
+    suite = [("greentext", p) for p in GREENTEXT_PROMPTS] + [("deviation", p) for p in DEVIATION_PROMPTS]
+    mine = suite[env.rank::env.world_size]
+    # Greentext openings are written without '>' and formatted; deviation prompts go in as typed.
+    texts = [as_greentext(p) if kind == "greentext" else p for kind, p in mine]
+    with autocast(env, a.precision):
+        outs = generate_batch(model, tokenizer, texts, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
+                              temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed + env.rank)
+    samples = []
+    for (kind, prompt), text, group in zip(mine, texts, outs):
+        for out in group:
+            generated = out[len(text):]
+            samples.append({"kind": kind, "prompt": prompt, "text": out, "generated": generated,
+                            "longest_run": automaton.longest_match(tokenizer.encode(generated))})
+    if env.world_size > 1:
+        gathered = [None] * env.world_size
+        torch.distributed.all_gather_object(gathered, samples)
+        samples = [s for part in gathered for s in part]
+    return {"task": "robustness", "dataset": a.dataset, "corpus_posts": len(posts), "summary": summarise(samples), "samples": samples}
+
+
+def robustness_markdown(result: dict, checkpoint: str, shown: int = 2) -> str:
+    lines = [f"# Robustness and memorisation: {checkpoint}", "",
+             f"Training corpus: {result['dataset']} ({result['corpus_posts']} posts).", "",
+             "| prompts | samples | '>' lines | well-formed | longest run (max / mean tokens) | over 50 tokens |",
+             "|---|---|---|---|---|---|"]
+    for kind, s in result["summary"].items():
+        adh = "-" if s["line_adherence"] is None else f"{s['line_adherence']:.1%}"
+        lines.append(f"| {kind} | {s['samples']} | {adh} | {s['well_formed']:.1%} | {s['longest_run_max']} / "
+                     f"{s['longest_run_mean']:.1f} | {s['memorised_over_50']:.1%} |")
+    for kind in ("greentext", "deviation"):
+        lines += ["", f"## {kind} prompts: a few samples", ""]
+        for s in [s for s in result["samples"] if s["kind"] == kind][:shown]:
+            lines += [f"Prompt `{s['prompt']!r}`, longest run shared with the corpus: {s['longest_run']} tokens", "", "```", s["text"], "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def autocast(env, precision: str):
+    if precision == "bf16":
+        return torch.autocast(env.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="greentext_dist.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final)")
+    p.add_argument("--task", required=True, choices=["val-loss", "hellaswag", "robustness"])
+    p.add_argument("--output", default=None, help="write the result as JSON here")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    g = p.add_argument_group("val-loss and robustness")
+    g.add_argument("--dataset", default="DarwinAnim8or/greentext", help="the training data (hub id, file or folder)")
+    g.add_argument("--text-field", default=None)
+    g.add_argument("--val-fraction", type=float, default=0.05, help="the held-out share used in training (same hash split)")
+    g.add_argument("--all-posts", action="store_true", help="score every post (a separate validation file)")
+    g.add_argument("--seq-len", type=int, default=1024)
+    g.add_argument("--packing", choices=["concat", "isolated"], default="concat")
+    g = p.add_argument_group("hellaswag")
+    g.add_argument("--data", default="Rowan/hellaswag", help="hub id (validation split) or local jsonl with ctx/endings/label")
+    g.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    g = p.add_argument_group("robustness")
+    g.add_argument("--num-samples", type=int, default=4, help="samples per prompt")
+    g.add_argument("--max-new-tokens", type=int, default=160)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--report", default=None, help="Markdown report path (default: next to --output, or robustness.md)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from greentext_dist.dist import init_distributed
+    from greentext_dist.generate import load
+
+    a = build_parser().parse_args(argv)
+    env = init_distributed()
+    setup_logging(env.rank)
+    try:
+        for flag in ("batch_size", "seq_len", "num_samples", "max_new_tokens"):
+            if getattr(a, flag) < 1:
+                raise UserError(f"--{flag.replace('_', '-')} must be at least 1", "pass a positive value")
+        if a.limit is not None and a.limit < 1:
+            raise UserError("--limit must be at least 1", "pass a positive number of items, or leave it out")
+        a.precision = a.precision or ("bf16" if env.device.type == "cuda" else "fp32")
+        model, tokenizer = load(a.checkpoint, str(env.device))
+        if a.seq_len > model.config.n_positions:
+            raise UserError(f"--seq-len {a.seq_len} is longer than the model's {model.config.n_positions} positions",
+                            f"use --seq-len {model.config.n_positions} or less")
+        result = {"val-loss": val_loss, "hellaswag": hellaswag, "robustness": robustness}[a.task](model, tokenizer, a, env)
+    except UserError as e:
+        fail(str(e))
+        return 2
+    result["checkpoint"] = a.checkpoint
+    if env.is_main:
+        shown = {k: v for k, v in result.items() if k != "samples"}
+        console.print_json(json.dumps(shown))
+        if a.output:
+            Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.output).write_text(json.dumps(result, indent=1) + "\n")
+        if a.task == "robustness":
+            report = Path(a.report or (Path(a.output).with_suffix(".md") if a.output else "robustness.md"))
+            report.write_text(robustness_markdown(result, a.checkpoint))
+            console.print(f"report: {report}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

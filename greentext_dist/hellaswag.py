@@ -1,0 +1,138 @@
+"""HellaSwag with lm-evaluation-harness's protocol: acc and acc_norm from summed continuation log-probs.
+
+Context "{activity_label}: {ctx_a} {Ctx_b}" after the harness's WikiHow cleaning; each choice is the
+continuation " " + ending, tokenised as the harness does (the context's tokens, then whatever the
+joined string adds). acc = argmax of the sum; acc_norm = argmax of the sum / len(ending) in characters.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from greentext_dist.errors import UserError
+from greentext_dist.hub import hub_offline, is_local
+
+HUB_ID = "Rowan/hellaswag"
+
+
+def preprocess(text: str) -> str:
+    """The harness's cleaning; brackets are artifacts of the WikiHow part of HellaSwag."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def to_item(doc: dict) -> dict:
+    """{'context', 'endings', 'label'} from the hub schema (ctx_a/ctx_b) or a local one (ctx only)."""
+    if doc.get("ctx_a") is not None and doc.get("ctx_b") is not None:
+        ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    else:
+        ctx = doc["ctx"]
+    context = f"{doc['activity_label']}: {ctx}" if doc.get("activity_label") else ctx
+    return {"context": preprocess(context), "endings": [preprocess(e) for e in doc["endings"]], "label": int(doc["label"])}
+
+
+def training_text(doc: dict) -> str:
+    """For --mix hellaswag: the cleaned context followed by its gold ending."""
+    item = to_item(doc)
+    return item["context"] + " " + item["endings"][item["label"]]
+
+
+def load_items(data: str, split: str = "validation", limit: int | None = None) -> list[dict]:
+    from datasets import load_dataset
+
+    if is_local(data):
+        path = Path(data)
+        files = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.json")) if path.is_dir() else [path]
+        if not files:
+            raise UserError(f"HellaSwag folder {data} holds no .jsonl files", "point --data at hellaswag_val.jsonl")
+        ds = load_dataset("json", data_files=[str(f) for f in files], split="train")
+    elif hub_offline():
+        raise UserError(f"HellaSwag '{data}' is on the Hugging Face hub, which is unreachable",
+                        f"download it elsewhere (huggingface-cli download --repo-type dataset {HUB_ID} --local-dir DIR) and pass --data FILE.jsonl")
+    else:
+        ds = load_dataset(data, split=split)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    cols = set(ds.column_names)
+    missing = ({"endings", "label"} - cols) | (set() if "ctx" in cols or {"ctx_a", "ctx_b"} <= cols else {"ctx"})
+    if missing:
+        raise UserError(f"HellaSwag data {data} lacks fields {sorted(missing)} (has: {', '.join(ds.column_names)})",
+                        "use the hub schema (Rowan/hellaswag) or jsonl with ctx, endings, label")
+    return [to_item(d) for d in ds]
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The harness's split: trailing spaces of the context move to the continuation, then the continuation's
+    tokens are what encoding the joined string adds after the context's tokens."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def requests(tokenizer, items: list[dict], max_len: int) -> list[tuple[list[int], int]]:
+    """(input tokens, number of continuation tokens at its end) per item and ending, left-truncated to max_len + 1."""
+    out = []
+    for it in items:
+        for ending in it["endings"]:
+            ctx, cont = encode_pair(tokenizer, it["context"], " " + ending)
+            out.append(((ctx + cont)[-(max_len + 1):], len(cont)))
+    return out
+
+
+@torch.no_grad()
+def continuation_logprobs(model, reqs: list[tuple[list[int], int]], batch_size: int, device) -> list[float]:
+    """Summed log-prob of each request's continuation, computed in right-padded batches, fp32 log-softmax."""
+    sums = []
+    for b in range(0, len(reqs), batch_size):
+        chunk = reqs[b:b + batch_size]
+        width = max(len(toks) for toks, _ in chunk) - 1
+        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, (toks, _) in enumerate(chunk):
+            x[i, :len(toks) - 1] = torch.tensor(toks[:-1])
+            mask[i, :len(toks) - 1] = 1
+        logits = model(input_ids=x.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+        logp = F.log_softmax(logits, dim=-1).cpu()
+        for i, (toks, n_cont) in enumerate(chunk):
+            pos = torch.arange(len(toks) - 1 - n_cont, len(toks) - 1)
+            sums.append(logp[i, pos, torch.tensor(toks[-n_cont:])].sum().item())
+    return sums
+
+
+def score(items: list[dict], sums: list[float]) -> tuple[int, int]:
+    """(correct by acc, correct by acc_norm) over items, given each ending's summed log-prob in order."""
+    acc = acc_norm = k = 0
+    for it in items:
+        s = sums[k:k + len(it["endings"])]
+        k += len(it["endings"])
+        acc += int(max(range(len(s)), key=lambda j: s[j]) == it["label"])
+        normed = [v / len(e) for v, e in zip(s, it["endings"])]
+        acc_norm += int(max(range(len(s)), key=lambda j: normed[j]) == it["label"])
+    return acc, acc_norm
+
+
+def evaluate_hellaswag(model, tokenizer, items: list[dict], rank: int, world: int, batch_size: int, device) -> dict:
+    """This rank scores items rank, rank + world, ...; counts are summed over ranks."""
+    from greentext_dist.dist import all_reduce_sum
+
+    mine = items[rank::world]
+    # Longest first: fewer padded tokens per batch (order does not change any score).
+    reqs = requests(tokenizer, mine, model.config.n_positions)
+    order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i][0]))
+    sorted_sums = continuation_logprobs(model, [reqs[i] for i in order], batch_size, device)
+    sums = [0.0] * len(reqs)
+    for i, v in zip(order, sorted_sums):
+        sums[i] = v
+    acc, acc_norm = score(mine, sums)
+    totals = all_reduce_sum(torch.tensor([acc, acc_norm, len(mine)], dtype=torch.float64, device=device))
+    n = int(totals[2])
+    return {"task": "hellaswag", "n": n, "acc": totals[0].item() / n, "acc_norm": totals[1].item() / n}

@@ -1,0 +1,264 @@
+"""Generation, HellaSwag scoring against a brute-force reference, validation loss, robustness metrics."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+from greentext_dist import hellaswag as hs
+from greentext_dist.config import ModelConfig
+from greentext_dist.generate import generate, generate_batch
+from greentext_dist.model import build_model
+from greentext_dist.robustness import SuffixAutomaton, corpus_automaton, format_score, summarise
+from greentext_dist.tokenizer import load_tokenizer
+
+WORDS = "the a man woman dog is holding runs into kitchen then slowly [title] picks up ball and walks away with it".split()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("tiny")
+    model = build_model(ModelConfig(model="tiny", init="scratch", dropout=0.0), seed=5)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    from greentext_dist.generate import load
+
+    return load(str(model_dir), "cpu")[0]
+
+
+# ---------------------------------------------------------------- generation
+
+
+def test_generation_is_repeatable_and_batched_equals_one_at_a_time(model, tok):
+    a = generate(model, tok, "be me\ngo outside", num_samples=3, max_new_tokens=12, seed=7)
+    assert a == generate(model, tok, "be me\ngo outside", num_samples=3, max_new_tokens=12, seed=7)
+    assert a != generate(model, tok, "be me\ngo outside", num_samples=3, max_new_tokens=12, seed=8)
+    assert all(s.startswith(">be me\n>go outside") for s in a)
+    prompts = [">be me", ">tfw no gf\n>be me, a longer prompt with more tokens", "Now the rules has changed", ""]
+    batched = generate_batch(model, tok, prompts, num_samples=2, max_new_tokens=10, temperature=0)
+    for p, group in zip(prompts, batched):
+        alone = generate_batch(model, tok, [p], num_samples=1, max_new_tokens=10, temperature=0)[0][0]
+        assert group == [alone, alone]  # left padding changes nothing
+
+
+def test_generation_stops_at_end_of_text(model, tok):
+    # Make every position predict one of two words or <|endoftext|>: the final LayerNorm outputs its bias,
+    # and only those three embeddings align with it.
+    import copy
+
+    m = copy.deepcopy(model)
+    eos, w1, w2 = tok.eos_token_id, tok.encode(" cat")[0], tok.encode(" dog")[0]
+    with torch.no_grad():
+        m.transformer.ln_f.weight.zero_()
+        m.transformer.ln_f.bias.copy_(torch.randn(m.config.n_embd))
+        b = m.transformer.ln_f.bias / m.transformer.ln_f.bias.norm()
+        m.transformer.wte.weight.mul_(0.0)
+        for t in (eos, w1, w2):
+            m.transformer.wte.weight[t] = b * 6.0
+    samples = generate(m, tok, "", prefix="X", num_samples=16, max_new_tokens=40, seed=0, top_k=0, top_p=1.0, temperature=1.0)
+    lengths = [len(tok.encode(s[1:])) for s in samples]
+    assert all(set(s[1:].split()) <= {"cat", "dog"} for s in samples)
+    assert "<|endoftext|>" not in "".join(samples) and max(lengths) < 40 and len(set(lengths)) > 1
+
+
+def test_generate_cli_prefix_and_output(model_dir, tmp_path):
+    out = tmp_path / "s.jsonl"
+    p = subprocess.run([sys.executable, "-m", "greentext_dist.generate", str(model_dir), "--prompt", "be me", "--num-samples", "2",
+                        "--max-new-tokens", "5", "--prefix", "PREFIX ", "--no-include-prefix", "--output", str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["text"].startswith(">be me") for r in rows)
+
+
+# ---------------------------------------------------------------- HellaSwag
+
+
+def test_harness_preprocessing():
+    doc = {"activity_label": "Roof shingle removal", "ctx_a": "A man is on a roof.", "ctx_b": "he", "endings": ["a [step] b", "c"], "label": "1"}
+    item = hs.to_item(doc)
+    assert item["context"] == "Roof shingle removal: A man is on a roof. He" and item["endings"] == ["a b", "c"] and item["label"] == 1
+    assert hs.preprocess("How to X [title] Do it.  Now") == "How to X. Do it. Now"
+    assert hs.to_item({"activity_label": "A", "ctx": "x y", "endings": ["e"], "label": 0})["context"] == "A: x y"
+
+
+def make_items(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    sent = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    docs = []
+    for i in range(n):
+        endings = [sent(rng.randint(1, 12)) + "." for _ in range(4)]
+        if i % 2:
+            docs.append({"activity_label": sent(2), "ctx_a": sent(rng.randint(3, 20)), "ctx_b": sent(2), "endings": endings, "label": rng.randrange(4)})
+        else:  # the local schema: ctx only, sometimes with a trailing space
+            docs.append({"activity_label": sent(2), "ctx": sent(rng.randint(3, 20)) + (" " if i % 4 == 0 else ""), "endings": endings,
+                         "label": str(rng.randrange(4))})
+    return docs
+
+
+def brute_force(model, tok, items) -> tuple[float, float, list[float]]:
+    """Plain transformers: one context+ending per forward pass, no batching, no padding."""
+    sums, acc, acc_norm = [], 0, 0
+    for it in items:
+        s = []
+        for e in it["endings"]:
+            ctx, cont = hs.encode_pair(tok, it["context"], " " + e)
+            ids = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            s.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
+        sums += s
+        acc += max(range(4), key=lambda j: s[j]) == it["label"]
+        acc_norm += max(range(4), key=lambda j: s[j] / len(it["endings"][j])) == it["label"]
+    return acc / len(items), acc_norm / len(items), sums
+
+
+def test_hellaswag_equals_brute_force_reference(model, model_dir, tok, tmp_path):
+    docs = make_items(120)
+    data = tmp_path / "hs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    items = hs.load_items(str(data))
+    acc, acc_norm, ref_sums = brute_force(model, tok, items)
+    sums = hs.continuation_logprobs(model, hs.requests(tok, items, 1024), batch_size=7, device="cpu")
+    assert sums == pytest.approx(ref_sums, abs=1e-4)
+    assert hs.score(items, ref_sums) != (len(items), len(items))  # a random model is not perfect: the test can fail
+    out = tmp_path / "res.json"
+    from greentext_dist.evaluate import main
+
+    assert main([str(model_dir), "--task", "hellaswag", "--data", str(data), "--batch-size", "5", "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n"] == 120 and res["acc"] == pytest.approx(acc) and res["acc_norm"] == pytest.approx(acc_norm)
+    # sharded over two ranks and all-reduced: the same numbers
+    out2 = tmp_path / "res2.json"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "greentext_dist.evaluate",
+                        str(model_dir), "--task", "hellaswag", "--data", str(data), "--limit", "50", "--output", str(out2)],
+                       capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res2 = json.loads(out2.read_text())
+    a50, n50, _ = brute_force(model, tok, items[:50])
+    assert res2["n"] == 50 and res2["acc"] == pytest.approx(a50) and res2["acc_norm"] == pytest.approx(n50)
+
+
+# ---------------------------------------------------------------- validation loss
+
+
+def test_val_loss_task_matches_training_definition(model, model_dir, tok, corpus, tmp_path):
+    from greentext_dist.data import PackedStream, open_dataset, text_getter, val_rows
+    from greentext_dist.evaluate import main
+
+    out = tmp_path / "v.json"
+    assert main([str(model_dir), "--task", "val-loss", "--dataset", str(corpus), "--all-posts", "--seq-len", "32",
+                 "--batch-size", "3", "--output", str(out)]) == 0
+    got = json.loads(out.read_text())
+    ds = open_dataset(str(corpus))
+    rows = val_rows(PackedStream(ds, text_getter({"text": ""}, None, ""), tok, 32, seed=0, shuffle_buffer=1, shuffle=False))
+    total = count = 0.0
+    for r in rows:  # one row at a time, unpadded
+        ids = torch.tensor([r])
+        with torch.no_grad():
+            logits = model(input_ids=ids[:, :-1]).logits
+        total += F.cross_entropy(logits[0].float(), ids[0, 1:], reduction="sum").item()
+        count += len(r) - 1
+    assert got["tokens"] == count and got["val_loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+# ---------------------------------------------------------------- robustness metrics
+
+
+def test_format_score_on_hand_made_samples():
+    good = " outside\n>see a dog\n>it bites me\n\n>mfw"
+    assert format_score(good).__dict__ == {"lines": 3, "green_lines": 3, "well_formed": True}
+    mixed = " and then\n>be me\nI am writing to inform you\n>mfw"
+    assert format_score(mixed).__dict__ == {"lines": 3, "green_lines": 2, "well_formed": False}
+    assert format_score(" one line only").lines == 0 and not format_score(" x\n>only one").well_formed
+    samples = [{"kind": "greentext", "generated": good, "longest_run": 60}, {"kind": "deviation", "generated": mixed, "longest_run": 3}]
+    s = summarise(samples)
+    assert s["all"]["line_adherence"] == pytest.approx(5 / 6) and s["all"]["well_formed"] == 0.5
+    assert s["all"]["memorised_over_50"] == 0.5 and s["greentext"]["longest_run_max"] == 60 and s["deviation"]["well_formed"] == 0.0
+
+
+def brute_longest(corpus: list[int], q: list[int]) -> int:
+    best = 0
+    for i in range(len(q)):
+        for j in range(len(corpus)):
+            k = 0
+            while i + k < len(q) and j + k < len(corpus) and q[i + k] == corpus[j + k]:
+                k += 1
+            best = max(best, k)
+    return best
+
+
+def test_longest_shared_run_equals_brute_force():
+    rng = random.Random(3)
+    for _ in range(30):
+        corpus = [rng.randrange(5) for _ in range(rng.randint(1, 60))]
+        q = [rng.randrange(5) for _ in range(rng.randint(0, 25))]
+        assert SuffixAutomaton(corpus).longest_match(q) == brute_longest(corpus, q)
+    sa = corpus_automaton([[1, 2, 3, 4], [7, 8, 9]], eos=0)
+    assert sa.longest_match([9, 2, 3, 4, 0, 7, 5]) == 5  # runs may cross a post boundary, as the packed stream does
+    assert sa.longest_match([]) == 0
+
+
+def test_robustness_task_writes_json_and_report(model_dir, corpus, tmp_path):
+    from greentext_dist.evaluate import main
+
+    out = tmp_path / "rob.json"
+    assert main([str(model_dir), "--task", "robustness", "--dataset", str(corpus), "--num-samples", "2", "--max-new-tokens", "8",
+                 "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["summary"]["all"]["samples"] == 24 and {s["kind"] for s in res["samples"]} == {"greentext", "deviation"}
+    report = (tmp_path / "rob.md").read_text()
+    assert "well-formed" in report and "you should ignore how the train was created" in report
+
+
+# ---------------------------------------------------------------- samples during training, training report
+
+
+def test_sampling_during_training_leaves_the_curve_alone_and_report_is_written(corpus, tmp_path):
+    from conftest import run_inprocess, tiny_args, train_losses
+
+    common = ["--max-steps", "6", "--global-batch-size", "4", "--micro-batch-size", "2", "--eval-every", "3", "--dropout", "0.1"]
+    assert run_inprocess(tiny_args(corpus, tmp_path / "plain", *common)) == 0
+    assert run_inprocess(tiny_args(corpus, tmp_path / "sampled", *common, "--sample-every", "2")) == 0
+    assert train_losses(tmp_path / "sampled") == train_losses(tmp_path / "plain")  # dropout RNG untouched
+    rows = [json.loads(l) for l in (tmp_path / "sampled" / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 2, 2, 4, 4, 4, 6, 6, 6] and rows[0]["text"].startswith(">be me")
+    report = (tmp_path / "sampled" / "report.md").read_text()
+    assert "final val loss" in report and "loss.png" in report and "Samples at step 6" in report
+    assert (tmp_path / "sampled" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_matplotlib_says_so(corpus, tmp_path, monkeypatch):
+    from conftest import run_inprocess, tiny_args
+    from greentext_dist.report import write_report
+
+    assert run_inprocess(tiny_args(corpus, tmp_path / "r", "--max-steps", "2", "--global-batch-size", "2", "--micro-batch-size", "2")) == 0
+    (tmp_path / "r" / "loss.png").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    text = write_report(tmp_path / "r", [("model", "tiny")]).read_text()
+    assert "matplotlib is not installed" in text and not (tmp_path / "r" / "loss.png").exists()
+
+
+def test_sampling_under_zero3_on_two_ranks(corpus, tmp_path):
+    from conftest import launch, tiny_args
+
+    p = launch(tiny_args(corpus, tmp_path / "z3", "--backend", "zero3", "--max-steps", "2", "--global-batch-size", "4",
+                         "--micro-batch-size", "2", "--sample-every", "1"), nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "z3" / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 1, 1, 2, 2, 2]

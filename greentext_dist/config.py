@@ -42,6 +42,7 @@ class DataConfig:
     val_fraction: float = _f(0.05, "share of posts held out for validation, chosen by a hash of the post")
     seq_len: int = _f(1024, "tokens per packed training row")
     shuffle_buffer: int = _f(10_000, "posts in the seeded shuffle buffer")
+    mix: list[str] = field(default_factory=list, metadata={"help": "NAME_OR_PATH=WEIGHT (repeatable): interleave another text source into training by weight, e.g. hellaswag=0.1", "choices": None})
     packing: str = _f("concat", "concat: posts joined by <|endoftext|>; isolated: also restart positions and block attention at every post", ["concat", "isolated"])
     prefetch: int = _f(8, "micro-batches tokenised ahead in a background thread (0: in the training loop)")
 
@@ -74,6 +75,7 @@ class TrainConfig:
     log_every: int = _f(1, "steps between metric lines")
     eval_every: int = _f(50, "steps between validation passes (0: only at the end)")
     eval_batches: int | None = _f(None, "cap on validation micro-batches per rank (default: all)")
+    sample_every: int = _f(0, "steps between greentext samples for a fixed prompt set, written to OUT/samples.jsonl (0: off)")
     peak_tflops: float | None = _f(None, "device bf16 peak for MFU (default: from the GPU name; none on CPU)")
 
 
@@ -131,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
             kw = dict(dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS, help=f.metadata["help"])
             if tp is bool:
                 kw["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(tp) is list:
+                kw.update(action="append", type=str, metavar="SPEC")
             else:
                 kw["type"] = tp
                 kw["metavar"] = tp.__name__.upper()
@@ -148,7 +152,10 @@ def _apply(cfg: Config, section: str, name: str, value, source: str) -> None:
     tp = _field_types(type(sec))[name]
     if value is not None and tp is float and isinstance(value, int):
         value = float(value)
-    if value is not None and not isinstance(value, tp):
+    if typing.get_origin(tp) is list:
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise UserError(f"{source}: '{section}.{name}' must be a list of strings, got {value!r}", 'write e.g. ["hellaswag=0.1"]')
+    elif value is not None and not isinstance(value, tp):
         raise UserError(f"{source}: '{section}.{name}' must be {tp.__name__}, got {value!r}", f"write a {tp.__name__}")
     setattr(sec, name, value)
 
@@ -227,10 +234,14 @@ def validate(cfg: Config) -> None:
         if value <= 0:
             raise UserError(f"{flag} must be positive, got {value}", f"pass a value above 0 to {flag}")
     for flag, value in {"--min-lr": o.min_lr, "--weight-decay": o.weight_decay, "--grad-clip": o.grad_clip,
-                        "--eval-every": t.eval_every, "--save-every": cfg.checkpoint.save_every,
+                        "--eval-every": t.eval_every, "--sample-every": t.sample_every, "--save-every": cfg.checkpoint.save_every,
                         "--warmup-steps": o.warmup_steps or 0, "--prefetch": d.prefetch}.items():
         if value < 0:
             raise UserError(f"{flag} must not be negative, got {value}", f"pass 0 or more to {flag}")
+    if d.mix:
+        from greentext_dist.data import parse_mix
+
+        parse_mix(d.mix)
     if not 0 <= d.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {d.val_fraction}", "use e.g. 0.05")
     if not 0 <= cfg.model.dropout < 1:

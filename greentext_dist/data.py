@@ -83,6 +83,66 @@ def text_getter(example: dict, text_field: str | None, source: str) -> Callable[
     )
 
 
+def parse_mix(specs: list[str]) -> list[tuple[str, float]]:
+    """--mix NAME_OR_PATH=WEIGHT (repeatable): each weight is that source's share of the posts read; the
+    main --dataset gets the rest."""
+    out = []
+    for spec in specs:
+        name, _, weight = spec.rpartition("=")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if not name or not 0 < w < 1:
+            raise UserError(f"--mix {spec!r} is not NAME_OR_PATH=WEIGHT with a weight between 0 and 1", "write e.g. --mix hellaswag=0.1")
+        out.append((name, w))
+    if sum(w for _, w in out) >= 1:
+        raise UserError(f"--mix weights add up to {sum(w for _, w in out):g}, leaving nothing for --dataset", "keep their sum below 1")
+    return out
+
+
+def open_mix_source(name: str, text_field: str | None) -> IterableDataset:
+    """One --mix source as a stream of {'text'}. 'hellaswag' (or a file in its schema) becomes context + gold ending."""
+    from greentext_dist.hellaswag import HUB_ID, training_text
+
+    if name.lower() == "hellaswag":
+        if hub_offline():
+            raise UserError(f"--mix hellaswag needs {HUB_ID} from the Hugging Face hub, which is unreachable",
+                            "download it elsewhere and pass --mix PATH/TO/hellaswag.jsonl=WEIGHT")
+        from datasets import load_dataset
+
+        ds = load_dataset(HUB_ID, split="train", streaming=True)
+    else:
+        ds = open_dataset(name)
+    first = first_example(ds, name)
+    strings = [k for k, v in first.items() if isinstance(v, str)]
+    if {"endings", "label"} <= set(first) and not text_field:
+        to_text = training_text
+    elif "text" not in first and len(strings) == 1:  # one text column, whatever its name
+        to_text = lambda ex: ex[strings[0]] or ""  # noqa: E731
+    else:
+        to_text = text_getter(first, text_field, name)
+    return ds.map(lambda ex: {"text": to_text(ex)}, remove_columns=list(first))
+
+
+def open_train_dataset(dataset: str, text_field: str | None, mix: list[str], seed: int) -> tuple[IterableDataset, Callable[[dict], str]]:
+    """The training posts: --dataset alone, or interleaved with --mix sources by weight (seeded, so a resumed
+    run reads the same interleaving; an epoch ends when --dataset is exhausted)."""
+    ds = open_dataset(dataset)
+    get_text = text_getter(first_example(ds, dataset), text_field, dataset)
+    if not mix:
+        return ds, get_text
+    from datasets import interleave_datasets
+
+    sources = parse_mix(mix)
+    first = first_example(ds, dataset)
+    main = ds.map(lambda ex: {"text": get_text(ex)}, remove_columns=list(first))
+    streams = [main] + [open_mix_source(name, None) for name, _ in sources]
+    probs = [1 - sum(w for _, w in sources)] + [w for _, w in sources]
+    mixed = interleave_datasets(streams, probabilities=probs, seed=seed, stopping_strategy="first_exhausted")
+    return mixed, lambda ex: ex["text"] or ""
+
+
 def is_val_post(text: str, fraction: float) -> bool:
     """Held-out membership by a stable hash of the post, so it never depends on order, seed or world size."""
     if fraction <= 0:

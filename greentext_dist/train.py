@@ -23,7 +23,8 @@ import torch
 from greentext_dist import checkpoint as ckpt
 from greentext_dist.config import Config, parse_args
 from greentext_dist.data import (
-    IGNORE_INDEX, PackedStream, TrainLoader, DataState, count_corpus, first_example, is_val_post, open_dataset, text_getter,
+    IGNORE_INDEX, PackedStream, TrainLoader, DataState, count_corpus, first_example, is_val_post, open_dataset, open_train_dataset,
+    parse_mix, text_getter,
     val_batches, val_rows,
 )
 from greentext_dist.dist import DistEnv, all_reduce_sum, init_distributed, on_main, preflight, shutdown
@@ -34,6 +35,7 @@ from greentext_dist.metrics import MetricsLog
 from greentext_dist.model import apply_compile, build_model, check_matches_preset, init_kind, model_config, num_params, source_of
 from greentext_dist.optim import build_optimizer, lr_at, warmup_steps
 from greentext_dist import perf, plan as planner
+from greentext_dist.report import write_report
 from greentext_dist.signals import GracefulStop
 from greentext_dist.tokenizer import load_tokenizer
 from greentext_dist.ui import TrainProgress, console, fail, setup_logging, summary_table
@@ -43,8 +45,7 @@ log = logging.getLogger("greentext_dist")
 
 def build_streams(cfg: Config, tokenizer) -> tuple[PackedStream, PackedStream | None]:
     d, seed = cfg.data, cfg.train.seed
-    ds = open_dataset(d.dataset)
-    get_text = text_getter(first_example(ds, d.dataset), d.text_field, d.dataset)
+    ds, get_text = open_train_dataset(d.dataset, d.text_field, d.mix, seed)
     common = dict(seed=seed, shuffle_buffer=d.shuffle_buffer)
     if d.val_dataset:
         vds = open_dataset(d.val_dataset)
@@ -53,7 +54,10 @@ def build_streams(cfg: Config, tokenizer) -> tuple[PackedStream, PackedStream | 
     train = PackedStream(ds, get_text, tokenizer, d.seq_len, keep=lambda t: not is_val_post(t, d.val_fraction), **common)
     if d.val_fraction == 0:
         return train, None
-    val = PackedStream(ds, get_text, tokenizer, d.seq_len, keep=lambda t: is_val_post(t, d.val_fraction), shuffle=False, **common)
+    # Validation is always the held-out posts of --dataset itself, with or without --mix sources.
+    vds = open_dataset(d.dataset)
+    val_get = text_getter(first_example(vds, d.dataset), d.text_field, d.dataset)
+    val = PackedStream(vds, val_get, tokenizer, d.seq_len, keep=lambda t: is_val_post(t, d.val_fraction), shuffle=False, **common)
     return train, val
 
 
@@ -176,6 +180,8 @@ def print_summary(cfg: Config, env: DistEnv, layout: dict, engine, model, corpus
         ("tokens/step", f"{plan['tokens_per_step']:,} ({t.global_batch_size} x {d.seq_len})"),
         ("corpus", f"{corpus['posts']:,} posts, {corpus['tokens']:,} tokens, {corpus['rows']:,} rows of {d.seq_len}"
                    f" ({d.packing} packing keeps {corpus['rows'] * d.seq_len / max(corpus['tokens'], 1):.1%} of tokens as targets)"),
+        *([("mix", ", ".join([f"{d.dataset} {1 - sum(w for _, w in parse_mix(d.mix)):.0%}"]
+                             + [f"{n} {w:.0%}" for n, w in parse_mix(d.mix)]) + " of posts")] if d.mix else []),
         ("validation", f"{val_corpus['posts']:,} posts, {val_corpus['tokens']:,} tokens" if val_corpus else "none"),
         ("schedule", f"{plan['max_steps']} steps = {plan['epochs']:.2f} epochs ({plan['steps_per_epoch']:.3g} steps/epoch), "
                      f"lr {cfg.optim.lr:g} warmup {warmup_steps(cfg.optim, plan['max_steps'])} cosine to {cfg.optim.min_lr:g}"),
@@ -228,6 +234,29 @@ def evaluate(engine, rows, cfg: Config, env: DistEnv, eos_id: int) -> float | No
     engine.train(True)
     total = all_reduce_sum(total)
     return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+SAMPLE_PROMPTS = ["be me", "tfw", "be me\nwork at a bank"]
+
+
+def write_samples(engine, model, tokenizer, cfg: Config, env: DistEnv, step: int, log_file: MetricsLog) -> None:
+    """Greentexts for a fixed prompt set, without disturbing training: the RNG (dropout, data) is restored, and
+    sharded engines (ZeRO-3, FSDP) generate on every rank in lockstep (synced_gpus), as each forward gathers."""
+    from greentext_dist.generate import generate_batch, as_greentext
+
+    sharded = env.distributed and cfg.train.backend in ("zero3", "fsdp")
+    if not (sharded or env.is_main):
+        return
+    module = getattr(engine, "module", model)
+    engine.train(False)
+    devices = [env.device] if env.device.type == "cuda" else []
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16" and engine.name == "ddp")
+    with torch.random.fork_rng(devices=devices), autocast, torch.compiler.set_stance("force_eager"):
+        texts = [as_greentext(p) for p in SAMPLE_PROMPTS]
+        outs = generate_batch(module, tokenizer, texts, num_samples=1, max_new_tokens=96, seed=cfg.train.seed, synced_gpus=sharded)
+    engine.train(True)
+    for prompt, (text,) in zip(SAMPLE_PROMPTS, outs):
+        log_file.write(step=step, prompt=prompt, text=text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     flops = perf.model_flops_per_token(model, cfg.data.seq_len, recompute=bool(cfg.model.gradient_checkpointing))
     peak = perf.peak_tflops(env.device, t.peak_tflops)
     metrics = MetricsLog(out / "metrics.jsonl", step if state else None, env.is_main)
+    samples = MetricsLog(out / "samples.jsonl", step if state else None, env.is_main)
     last_saved = step if state else None
 
     def save() -> Path:
@@ -318,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
                 val_loss = evaluate(engine, val, cfg, env, tokenizer.eos_token_id)
                 metrics.write(step=step, val_loss=val_loss)
                 bar.note(f"step {step}: val_loss {val_loss:.4f}")
+            if t.sample_every and step % t.sample_every == 0:
+                write_samples(engine, model, tokenizer, cfg, env, step, samples)
+                bar.note(f"step {step}: samples in {out / 'samples.jsonl'}")
             if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step != max_steps:
                 save()
                 last_saved = step
@@ -337,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     final = save() if last_saved != step else ckpt_root / f"step-{step}"
     if env.is_main:
         ckpt.publish_final(final, out / "final")
-        console.print(f"[green]done:[/] {step} steps; model in {out / 'final'}")
+        report = write_report(out, [("model", f"GPT-2 {cfg.model.model} ({init_kind(cfg.model)})"), ("engine", f"{engine.name} x {env.world_size} ranks"),
+                                    ("batch", f"{t.global_batch_size} x {cfg.data.seq_len} tokens"), ("steps", str(step))])
+        console.print(f"[green]done:[/] {step} steps; model in {out / 'final'}; report in {report}")
     return 0
 
 

@@ -21,7 +21,7 @@ def plot_losses(rows: list[dict], path: Path) -> bool:
     except ImportError:
         log.info("matplotlib is not installed: skipped loss.png (pip install 'greentext_dist[plot]')")
         return False
-    train = [r for r in rows if "loss" in r]
+    train = [r for r in rows if "loss" in r and not r.get("skipped")]
     val = [r for r in rows if r.get("val_loss") is not None]
     tokens_at = {r["step"]: r["tokens"] for r in train}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -41,7 +41,7 @@ def plot_losses(rows: list[dict], path: Path) -> bool:
 
 def write_report(out: Path, summary: list[tuple[str, str]]) -> Path:
     rows = read_metrics(out / "metrics.jsonl")
-    train = [r for r in rows if "loss" in r]
+    train = [r for r in rows if "loss" in r and not r.get("skipped")]
     val = [r for r in rows if r.get("val_loss") is not None]
     last = train[-1] if train else {}
     speed = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]

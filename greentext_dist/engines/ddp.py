@@ -15,6 +15,7 @@ from greentext_dist.dist import DistEnv
 
 class DDPEngine:
     name = "ddp"
+    can_skip = True  # a non-finite step can be skipped without touching the weights
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, precision: str):
         self.env, self.module, self.optimizer = env, model, optimizer
@@ -33,12 +34,17 @@ class DDPEngine:
         # DDP averages gradients over ranks; the loss is already normalised by the global token count.
         (loss * self.env.world_size).backward()
 
-    def step(self, grad_clip: float) -> torch.Tensor:
+    def step(self, grad_clip: float, finite_loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Clip and step, unless the loss or the gradient norm is not finite: then the update is skipped and
+        the weights stay as they were. Returns (grad norm, applied). The check is the step's one host sync."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        self.optimizer.step()
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP's norm is a DTensor
+        applied = bool((torch.isfinite(norm) & finite_loss).item())
+        if applied:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP's norm is a DTensor
+        return norm, applied
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -82,6 +82,8 @@ def build_ds_optimizer(model, cfg, ds_config: dict, device):
 
 
 class DeepSpeedEngine:
+    can_skip = False
+
     def __init__(self, model, optimizer, env: DistEnv, ds_config: dict):
         import deepspeed
 
@@ -98,17 +100,27 @@ class DeepSpeedEngine:
     def accumulating(self, last: bool):
         import contextlib
 
+        self._last = last
         return contextlib.nullcontext()  # DeepSpeed counts micro-steps and syncs at the boundary itself
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed divides the loss by the accumulation steps and averages gradients over ranks;
         # our loss is already divided by the step's global token count, so undo both.
         self.engine.backward(loss * (self.grad_accum * self.env.world_size))
-        self.engine.step()  # a no-op except on the accumulation boundary, where it clips and steps
+        if not self._last:
+            self.engine.step()  # a micro-step: DeepSpeed only counts it
 
-    def step(self, grad_clip: float) -> torch.Tensor:
+    def step(self, grad_clip: float, finite_loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The boundary step (DeepSpeed clips and updates), taken only for a finite loss. DeepSpeed has no public
+        way to drop a step's gradients, so a non-finite loss stops the run before the update (can_skip False)."""
+        if not bool(finite_loss.item()):
+            return torch.tensor(float("nan")), False
+        self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+        # Non-finite gradients under a finite loss: bf16 ZeRO-2 skips the update itself (check_grad_overflow);
+        # other stages may have applied it, so report it as not applied and let the loop stop without saving.
+        return norm, bool(torch.isfinite(norm))
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

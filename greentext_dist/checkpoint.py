@@ -7,6 +7,7 @@ previous checkpoints untouched, and a folder without a valid manifest is never r
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -125,13 +126,21 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, tokenize
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / TRAIN_STATE).mkdir(parents=True)
     barrier()
-    engine.export_hf(tmp, max_shard_size)
-    engine.save_state(tmp / TRAIN_STATE)
-    torch.save(rng_state(), tmp / TRAIN_STATE / f"rng-rank{env.rank}.pt")
-    barrier()
+
+    def written_by_all_ranks() -> None:
+        engine.export_hf(tmp, max_shard_size)
+        engine.save_state(tmp / TRAIN_STATE)
+        torch.save(rng_state(), tmp / TRAIN_STATE / f"rng-rank{env.rank}.pt")
+        if os.environ.get("GREENTEXT_TEST_DISK_FULL"):  # fault injection for the tests: the disk fills mid-save
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "model.safetensors"))
+
+    _collectively(written_by_all_ranks, env, tmp, step)
     if os.environ.get("GREENTEXT_TEST_CRASH_IN_SAVE"):  # fault injection for the tests: die mid-save
         os._exit(17)
-    if env.is_main:
+
+    def finish_on_rank0() -> None:
+        if not env.is_main:
+            return
         tokenizer.save_pretrained(tmp)
         (tmp / TRAIN_STATE / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
         write_manifest(tmp)
@@ -142,8 +151,43 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, tokenize
         atomic_write_text(root / "latest", final.name + "\n")
         for _, old in step_dirs(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    barrier()
+
+    _collectively(finish_on_rank0, env, tmp, step)
     return final
+
+
+def _collectively(fn, env, tmp: Path, step: int) -> None:
+    """Run one phase of a save on every rank and agree on the outcome, so a full disk on one rank stops all of
+    them (none left waiting in a barrier) and leaves no half-written folder behind."""
+    from greentext_dist.dist import all_reduce_sum
+
+    error = None
+    try:
+        fn()
+    except OSError as e:
+        error = e
+    failed = all_reduce_sum(torch.tensor([1.0 if error else 0.0], device=env.device)).item() > 0
+    if failed:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = tmp.parent / "latest"
+        previous = latest.read_text().strip() if latest.exists() else None
+        where = error.filename if error and error.filename else str(tmp)
+        why = error.strerror if error else "another rank failed to write its part"
+        raise UserError(
+            f"saving checkpoint step-{step} failed: {why} ({where}); the partial save was removed"
+            + (f" and {previous} is intact" if previous else ""),
+            "free disk space (or point --output-dir at a larger disk) and rerun the same command to resume",
+        )
+    barrier()
+
+
+def remove_partial_saves(root: Path) -> None:
+    """Temporary folders of saves that a killed run never finished (the lock says no one else is writing)."""
+    if root.is_dir():
+        for p in root.glob(".tmp-step-*"):
+            log.warning(f"removing {p}: a save that did not finish")
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def publish_final(ckpt: Path, dest: Path) -> None:

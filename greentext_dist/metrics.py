@@ -16,7 +16,7 @@ class MetricsLog:
             path.write_text("")
         elif path.exists():
             # Lines after the resumed checkpoint belong to a run that was interrupted; they will be redone.
-            kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            kept = [json.dumps(r) for r in read_metrics(path) if r.get("step", 0) <= resume_step]
             path.write_text("".join(l + "\n" for l in kept))
 
     def write(self, **record) -> None:
@@ -26,4 +26,11 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    """The records; a line cut short by a killed process is skipped (its step is redone after resume)."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

@@ -75,6 +75,7 @@ class TrainConfig:
     log_every: int = _f(1, "steps between metric lines")
     eval_every: int = _f(50, "steps between validation passes (0: only at the end)")
     eval_batches: int | None = _f(None, "cap on validation micro-batches per rank (default: all)")
+    max_bad_steps: int = _f(0, "steps with a non-finite loss or gradient norm to skip before stopping (0: stop at the first)")
     sample_every: int = _f(0, "steps between greentext samples for a fixed prompt set, written to OUT/samples.jsonl (0: off)")
     peak_tflops: float | None = _f(None, "device bf16 peak for MFU (default: from the GPU name; none on CPU)")
 
@@ -86,6 +87,7 @@ class CheckpointConfig:
     keep_last: int = _f(2, "checkpoints to keep")
     max_shard_size: str = _f("2GB", "largest safetensors shard")
     resume: str = _f("auto", "auto (newest checkpoint in output dir), never, or a checkpoint path")
+    overwrite: bool = _f(False, "with --resume never: delete the checkpoints an earlier run left in --output-dir")
 
 
 @dataclass
@@ -234,7 +236,7 @@ def validate(cfg: Config) -> None:
         if value <= 0:
             raise UserError(f"{flag} must be positive, got {value}", f"pass a value above 0 to {flag}")
     for flag, value in {"--min-lr": o.min_lr, "--weight-decay": o.weight_decay, "--grad-clip": o.grad_clip,
-                        "--eval-every": t.eval_every, "--sample-every": t.sample_every, "--save-every": cfg.checkpoint.save_every,
+                        "--eval-every": t.eval_every, "--sample-every": t.sample_every, "--max-bad-steps": t.max_bad_steps, "--save-every": cfg.checkpoint.save_every,
                         "--warmup-steps": o.warmup_steps or 0, "--prefetch": d.prefetch}.items():
         if value < 0:
             raise UserError(f"{flag} must not be negative, got {value}", f"pass 0 or more to {flag}")

@@ -12,6 +12,7 @@ import itertools
 import os
 import queue
 import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -153,9 +154,46 @@ def is_val_post(text: str, fraction: float) -> bool:
 
 def first_example(ds: IterableDataset, source: str) -> dict:
     try:
-        return next(iter(ds))
+        with readable(source):
+            return next(iter(ds))
     except StopIteration:
         raise UserError(f"dataset {source} has no rows", "point --dataset at a file with posts") from None
+
+
+def first_bad_json_line(source: str) -> tuple[str, int, str] | None:
+    """(file, line number, error) of the first line of a local .jsonl/.json source that is not one JSON object."""
+    import json
+
+    path = Path(os.path.expanduser(source))
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json")) if path.is_dir() else [path]
+    for f in files:
+        if f.suffix not in (".jsonl", ".json") or not f.is_file():
+            continue
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    if not isinstance(json.loads(line), dict):
+                        return str(f), n, "not a JSON object"
+                except ValueError as e:
+                    return str(f), n, str(e)
+    return None
+
+
+@contextmanager
+def readable(source: str):
+    """Turn a reader's failure on a malformed local file into one line naming the file and line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception:
+        bad = first_bad_json_line(source) if is_local(source) else None
+        if bad is None:
+            raise
+        f, n, why = bad
+        raise UserError(f"{f} line {n} is not valid JSON ({why})", "fix or delete that line (one JSON object per line)") from None
 
 
 # ---------------------------------------------------------------- packing
@@ -236,14 +274,16 @@ class PackedStream:
             epoch, skip, buf = epoch + 1, 0, []
 
 
-def count_corpus(stream: PackedStream) -> dict:
-    """One pass over one epoch: posts, tokens (with EOS), rows. Order does not matter, so no shuffle."""
+def count_corpus(stream: PackedStream, source: str = "") -> dict:
+    """One pass over one epoch: posts, tokens (with EOS), rows. Order does not matter, so no shuffle.
+    Being a full pass, it is also where a malformed line anywhere in a local file is found and named."""
     posts = tokens = 0
     saved, stream.shuffle = stream.shuffle, False
     try:
-        for _, toks in stream.posts(0, 0):
-            posts += 1
-            tokens += len(toks)
+        with readable(source):
+            for _, toks in stream.posts(0, 0):
+                posts += 1
+                tokens += len(toks)
     finally:
         stream.shuffle = saved
     rows = max(tokens - 1, 0) // stream.T

@@ -34,8 +34,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+LAUNCHERS = ("torchrun --nproc_per_node N, deepspeed --num_gpus N, accelerate launch, or under SLURM "
+             "srun torchrun ... as slurm/train.sbatch does")
+
+
+def check_launch_environment(env=None) -> None:
+    """Several copies started without ranks (srun or mpirun running plain python) would each train alone into
+    the same folder; a WORLD_SIZE without a rendezvous address would hang. Both are refused with the launchers."""
+    from greentext_dist.errors import UserError
+
+    env = os.environ if env is None else env
+    if "RANK" not in env:
+        for var, who in (("SLURM_STEP_NUM_TASKS", "srun"), ("OMPI_COMM_WORLD_SIZE", "mpirun"), ("PMI_SIZE", "an MPI launcher")):
+            n = int(env.get(var, "1") or 1)
+            if n > 1:
+                raise UserError(f"{who} started {n} copies of this script without a distributed environment (no RANK/WORLD_SIZE): "
+                                f"they would train {n} separate models into one folder", f"launch with {LAUNCHERS}")
+    if int(env.get("WORLD_SIZE", "1")) > 1 and not env.get("MASTER_ADDR"):
+        raise UserError(f"WORLD_SIZE={env['WORLD_SIZE']} is set but MASTER_ADDR is not, so the ranks cannot meet",
+                        f"let a launcher set both: {LAUNCHERS}")
+
+
 def init_distributed(timeout_s: int = 1800, single_rank_group: bool = False) -> DistEnv:
     """single_rank_group: start a one-rank group under plain `python` (DeepSpeed needs a process group)."""
+    check_launch_environment()
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

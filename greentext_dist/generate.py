@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 from rich.text import Text
-from transformers import GPT2LMHeadModel
 
 from greentext_dist.errors import UserError
-from greentext_dist.model import check_gpt2_dir
+from greentext_dist.model import check_gpt2_dir, load_weights
 from greentext_dist.tokenizer import load_tokenizer
 from greentext_dist.ui import console, fail, setup_logging
 
@@ -75,7 +74,7 @@ def load(ckpt: str, device: str | None = None):
     tok_source = ckpt if (Path(ckpt) / "tokenizer_config.json").exists() else "gpt2"
     tokenizer = load_tokenizer(tok_source)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GPT2LMHeadModel.from_pretrained(ckpt, attn_implementation="sdpa").to(dev).eval()
+    model = load_weights(ckpt, dict(attn_implementation="sdpa")).to(dev).eval()
     return model, tokenizer
 
 

@@ -117,7 +117,7 @@ def build_model(cfg: ModelConfig, weights_from: str | None = None, seed: int = 0
                 f"pretrained '{src}' cannot be downloaded: the Hugging Face hub is unreachable",
                 f"download it elsewhere (huggingface-cli download {src} --local-dir DIR) and pass --model-path DIR, or use --init scratch",
             )
-        model = GPT2LMHeadModel.from_pretrained(src, attn_implementation="sdpa", dtype=torch.float32, **drop)
+        model = load_weights(src, dict(attn_implementation="sdpa", dtype=torch.float32, **drop))
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: gradient_...
         if enable:
@@ -132,6 +132,18 @@ def apply_compile(model: GPT2LMHeadModel) -> None:
     (torchtitan's order): each block compiles once and is reused by all layers of the same shape."""
     for block in model.transformer.h:
         block.compile()
+
+
+def load_weights(src: str, kwargs: dict) -> GPT2LMHeadModel:
+    """from_pretrained, from safetensors only (never a pickle), with damaged files reported as such."""
+    try:
+        return GPT2LMHeadModel.from_pretrained(src, use_safetensors=True, **kwargs)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, OSError, shape mismatches: all mean the files are damaged
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load the weights in {src}: {type(e).__name__}: {first[:200]}",
+                        "the files are damaged or truncated: re-download or re-export them, or resume from an older checkpoint") from None
 
 
 def num_params(model: torch.nn.Module) -> int:

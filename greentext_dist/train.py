@@ -34,7 +34,7 @@ from greentext_dist.loss import global_target_count, token_loss_sum
 from greentext_dist.metrics import MetricsLog
 from greentext_dist.model import apply_compile, build_model, check_matches_preset, init_kind, model_config, num_params, source_of
 from greentext_dist.optim import build_optimizer, lr_at, warmup_steps
-from greentext_dist import perf, plan as planner
+from greentext_dist import perf, plan as planner, rundir
 from greentext_dist.report import write_report
 from greentext_dist.signals import GracefulStop
 from greentext_dist.tokenizer import load_tokenizer
@@ -208,8 +208,9 @@ def print_summary(cfg: Config, env: DistEnv, layout: dict, engine, model, corpus
 
 
 def train_step(engine, batches: list[tuple], grad_clip: float, device, loss_fn=token_loss_sum) -> tuple:
-    """One optimizer step over this rank's micro-batches (x, y, position ids or None). Returns (this rank's
-    share of the loss, grad norm, global target count) as device tensors: nothing here waits for the GPU."""
+    """One optimizer step over this rank's micro-batches (x, y, position ids or None). Returns the global loss,
+    grad norm and target count as device tensors, and whether the update was applied (a non-finite loss or
+    gradient norm is never applied)."""
     n_targets = global_target_count([(x, y) for x, y, _ in batches], device)
     step_loss = torch.zeros((), device=device)
     for i, (x, y, pos) in enumerate(batches):
@@ -217,7 +218,9 @@ def train_step(engine, batches: list[tuple], grad_clip: float, device, loss_fn=t
             loss = loss_fn(engine.forward(x, pos), y) / n_targets
             engine.backward(loss)
         step_loss += loss.detach()
-    return step_loss, engine.step(grad_clip), n_targets
+    global_loss = all_reduce_sum(step_loss)
+    grad_norm, applied = engine.step(grad_clip, torch.isfinite(global_loss))
+    return global_loss, grad_norm, n_targets, applied
 
 
 @torch.no_grad()
@@ -259,6 +262,20 @@ def write_samples(engine, model, tokenizer, cfg: Config, env: DistEnv, step: int
         log_file.write(step=step, prompt=prompt, text=text)
 
 
+_claimed: list[Path] = []
+
+
+def claim_output_dir(out: Path, cfg: Config) -> None:
+    """Rank 0: lock OUT for this run, apply --resume never / --overwrite, and clear saves a killed run left half-done."""
+    rundir.claim(out, cfg.checkpoint.resume, cfg.checkpoint.overwrite)
+    _claimed.append(out)
+    ckpt.remove_partial_saves(out / "checkpoints")
+
+
+def poison(loss_fn):
+    return lambda logits, y: loss_fn(logits, y) * float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     cfg.train.backend = resolve_backend(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
@@ -268,13 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.checkpoint.output_dir)
     ckpt_root = out / "checkpoints"
     t = cfg.train
+    if t.fsdp_cpu_offload and env.device.type != "cuda":
+        raise UserError("--fsdp-cpu-offload moves sharded state from the GPU to the CPU, but this run has no GPU",
+                        "drop --fsdp-cpu-offload on a CPU-only machine (or run where torch.cuda.is_available())")
+    on_main(claim_output_dir, out, cfg)
 
     # Data: the global packed stream, its size, and the plan that follows from it.
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     train_stream, val_stream = build_streams(cfg, tokenizer)
     corpus, val_corpus, val = on_main(lambda: (
-        count_corpus(train_stream),
-        count_corpus(val_stream) if val_stream else None,
+        count_corpus(train_stream, cfg.data.dataset),
+        count_corpus(val_stream, cfg.data.val_dataset or cfg.data.dataset) if val_stream else None,
         val_rows(val_stream) if val_stream else [],
     ))
     plan = plan_run(cfg, env, corpus)
@@ -315,9 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     metrics = MetricsLog(out / "metrics.jsonl", step if state else None, env.is_main)
     samples = MetricsLog(out / "samples.jsonl", step if state else None, env.is_main)
     last_saved = step if state else None
+    bad_steps = state.get("bad_steps", 0) if state else 0
+    nan_steps = {int(s) for s in os.environ.get("GREENTEXT_TEST_NAN_STEPS", "").split(",") if s}
 
     def save() -> Path:
-        trainer_state = {"step": step, "tokens": int(tokens.item()), "data": data_state.to_dict(), "max_steps": max_steps,
+        trainer_state = {"step": step, "tokens": int(tokens.item()), "data": data_state.to_dict(), "max_steps": max_steps, "bad_steps": bad_steps,
                          "world_size": env.world_size, "backend": cfg.train.backend, "config": cfg.to_dict()}
         return ckpt.save_checkpoint(engine, ckpt_root, step, trainer_state, tokenizer, cfg.checkpoint.keep_last, cfg.checkpoint.max_shard_size)
 
@@ -328,12 +351,26 @@ def main(argv: list[str] | None = None) -> int:
             engine.set_lr(lr := lr_at(step, cfg.optim, max_steps))
             batches = [loader.next_batch() for _ in range(plan["grad_accum"])]
             data_state = batches[-1][3]
-            step_loss, grad_norm, n_targets = train_step(engine, [b[:3] for b in batches], cfg.optim.grad_clip, env.device, loss_fn)
+            poisoned = step + 1 in nan_steps  # fault injection for the tests
+            global_loss, grad_norm, n_targets, applied = train_step(
+                engine, [b[:3] for b in batches], cfg.optim.grad_clip, env.device, poison(loss_fn) if poisoned else loss_fn)
             tokens += n_targets
             step += 1
-
-            if step % t.log_every == 0 or step == max_steps:
-                loss_val = all_reduce_sum(step_loss).item()  # metrics are read only on log steps
+            if not applied:
+                bad_steps += 1
+                what = f"step {step}: loss {global_loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
+                metrics.write(step=step, skipped=True, loss=global_loss.item(), grad_norm=grad_norm.item())
+                if not engine.can_skip or bad_steps > t.max_bad_steps:
+                    good = f"checkpoint step-{last_saved}" if last_saved else "no checkpoint yet"
+                    raise UserError(
+                        f"{what} is not finite; stopped before updating the weights (last good: {good} in {ckpt_root})",
+                        "rerun the same command to resume from it, with a lower --lr or --grad-clip"
+                        + (", or let up to N such steps be skipped with --max-bad-steps N" if engine.can_skip else "")
+                        + (" (DeepSpeed cannot skip a step)" if not engine.can_skip else ""),
+                    )
+                bar.note(f"{what} is not finite: update skipped ({bad_steps} of --max-bad-steps {t.max_bad_steps})")
+            elif step % t.log_every == 0 or step == max_steps:
+                loss_val = global_loss.item()  # metrics are read only on log steps
                 now, tok = time.perf_counter(), tokens.item()
                 tps = (tok - tokens_at_log) / (now - t_log)
                 rec = dict(step=step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), tokens=int(tok), tokens_per_s=tps,
@@ -383,9 +420,11 @@ def cli(argv: list[str] | None = None) -> int:
         fail(str(e))
         return 2
     except KeyboardInterrupt:
-        fail("interrupted")
+        fail("interrupted: stopped at once; the last checkpoint is intact (rerun the same command to resume)")
         return 130
     finally:
+        while _claimed:
+            rundir.release(_claimed.pop())
         shutdown()
 
 

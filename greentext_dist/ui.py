@@ -22,6 +22,8 @@ def setup_logging(rank: int) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("datasets", "transformers", "huggingface_hub", "DeepSpeed", "torch.distributed", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # datasets logs a reader's traceback before raising it; we turn those errors into one line ourselves.
+    logging.getLogger("datasets.packaged_modules").setLevel(logging.CRITICAL)
     import transformers
 
     try:

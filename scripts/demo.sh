@@ -9,5 +9,5 @@ OUT=${DEMO_OUT:-runs/demo}
   --model tiny --dataset greentext_dist/data/demo_greentexts.jsonl \
   --seq-len 128 --global-batch-size 8 --micro-batch-size 8 --max-steps "${DEMO_STEPS:-200}" \
   --lr 4e-3 --min-lr 4e-4 --dropout 0 --precision fp32 --val-fraction 0 --log-every 20 \
-  --resume never --output-dir "$OUT"
+  --resume never --overwrite --output-dir "$OUT"
 "$PY" -m greentext_dist.generate "$OUT/final" --prompt "be me" --num-samples 3 --max-new-tokens 60 --seed 0

@@ -47,7 +47,7 @@ def test_export_reloads_sharded_with_equal_logits(corpus, tmp_path):
     engine = apply_ddp(model, build_optimizer(model, OptimConfig(lr=1e-2), env.device), env, "fp32")
     x = torch.randint(0, 50257, (2, 16))
     engine.backward(engine.forward(x).float().logsumexp(-1).mean())
-    engine.step(1.0)  # weights now differ from any fresh init
+    engine.step(1.0, torch.tensor(True))  # weights now differ from any fresh init
     saved = ckpt.save_checkpoint(engine, tmp_path / "checkpoints", 1, {"step": 1}, bundled_gpt2(), keep_last=2, max_shard_size="5MB")
     shards = sorted(p.name for p in saved.glob("*.safetensors"))
     assert len(shards) >= 2 and (saved / "model.safetensors.index.json").is_file()

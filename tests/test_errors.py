@@ -52,3 +52,58 @@ def test_real_cli_error_has_no_traceback(tmp_path, corpus):
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
     assert "error: --global-batch-size 6 is not divisible" in p.stderr and "Fix: use a multiple of 4" in p.stderr
+
+
+def _more_cases(tmp_path, corpus, ckpt_tiny):
+    """Cases that need files on disk: (extra args, expected text, env)."""
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": ">be me"}\n{"text": ">ok"}\n{"text": ">cut off\n{"text": ">after"}\n')
+    truncated = tmp_path / "truncated"
+    import shutil
+
+    shutil.copytree(ckpt_tiny, truncated, ignore=shutil.ignore_patterns("train_state"))
+    shard = sorted(truncated.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    damaged = tmp_path / "damaged" / "checkpoints"
+    shutil.copytree(ckpt_tiny.parent, damaged)
+    dshard = sorted((damaged / ckpt_tiny.name).glob("*.safetensors"))[0]
+    dshard.write_bytes(dshard.read_bytes()[:100])
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    return {
+        "malformed jsonl line": (["--dataset", str(broken)], f"{broken} line 3 is not valid JSON", {}),
+        "truncated safetensors shard": (["--model-path", str(truncated)], "could not load the weights", {}),
+        "truncated shard in a resume checkpoint": (["--resume", str(damaged / ckpt_tiny.name)], "has 100 bytes, expected", {}),
+        "resume from another model size": (["--model", "small", "--init", "scratch", "--resume", str(ckpt_tiny)],
+                                           "--model small is 12 x 768", {}),
+        "GPU-only option without a GPU": (["--backend", "fsdp", "--fsdp-cpu-offload"], "this run has no GPU", {}),
+        "unwritable output dir": (["--output-dir", str(afile / "out")], "is not writable", {}),
+        "srun copies without ranks": (["--backend", "zero3"], "srun started 2 copies", {"SLURM_STEP_NUM_TASKS": "2"}),
+        "WORLD_SIZE without MASTER_ADDR": ([], "MASTER_ADDR is not", {"WORLD_SIZE": "4"}),
+        "bad --mix": (["--mix", "hellaswag=2"], "between 0 and 1", {}),
+        "negative max-bad-steps": (["--max-bad-steps", "-1"], "--max-bad-steps must not be negative", {}),
+    }
+
+
+def test_more_bad_input_cases(tmp_path, corpus, capfd, monkeypatch):
+    from greentext_dist import checkpoint as ckpt
+
+    base = tmp_path / "base"
+    assert run_inprocess(tiny_args(corpus, base, "--global-batch-size", "4", "--micro-batch-size", "2", "--max-steps", "1")) == 0
+    ckpt_tiny = base / "checkpoints" / "step-1"
+    capfd.readouterr()
+    for name, (extra, expected, env) in _more_cases(tmp_path, corpus, ckpt_tiny).items():
+        out = tmp_path / f"out-{name.replace(' ', '_')}"
+        with monkeypatch.context() as m:
+            for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"):  # as a fresh process would have them
+                m.delenv(k, raising=False)
+            for k, v in env.items():
+                m.setenv(k, v)
+            code = run_inprocess(tiny_args(corpus, out, "--global-batch-size", "4", "--micro-batch-size", "2") + extra)
+        err = capfd.readouterr().err
+        assert code == 2, (name, err[-1500:])
+        lines = [l for l in err.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1 and expected in lines[0] and "Fix: " in lines[0], (name, err[-1500:])
+        assert "Traceback" not in err, name
+        assert not (out / "checkpoints").exists(), name
+    assert ckpt.verify(ckpt_tiny) is None  # the run's own checkpoint was only read

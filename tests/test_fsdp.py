@@ -88,7 +88,7 @@ engine = FSDPEngine(model, build_optimizer(model, OptimConfig(lr=1e-2), env.devi
 assert model.lm_head.weight is model.transformer.wte.weight
 x = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(env.rank))
 engine.backward(engine.forward(x).float().logsumexp(-1).mean())
-engine.step(1.0)
+engine.step(1.0, torch.tensor(True))
 assert model.lm_head.weight is model.transformer.wte.weight
 print("TIED", env.rank, flush=True)
 torch.distributed.destroy_process_group()

@@ -37,4 +37,4 @@ def test_bench_script_runs_on_cpu():
     p = subprocess.run([sys.executable, "scripts/bench.py", "--model", "tiny", "--seq-len", "64", "--micro-batch-size", "2",
                         "--steps", "2", "--warmup", "1", "--precision", "fp32"], capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "tokens_per_s=" in p.stdout and "ratio_to_bare=" in p.stdout
+    assert "tokens_per_s=" in p.stdout and "ratio_to_bare=" in p.stdout and "ratio_to_trainer=" in p.stdout

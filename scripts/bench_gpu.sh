@@ -33,3 +33,5 @@ run --model medium --backend fsdp --micro-batch-size 16 --compile --no-baseline
 run --model small --backend zero2 --micro-batch-size 16 --no-baseline
 run --model xl --backend zero3 --micro-batch-size 8 --gradient-checkpointing --no-baseline
 run --model medium --backend ddp --micro-batch-size 16 --no-trainer
+run --model medium --backend zero2 --micro-batch-size 16 --no-baseline
+run --model medium --backend zero3 --micro-batch-size 16 --no-baseline

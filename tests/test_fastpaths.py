@@ -153,3 +153,31 @@ def test_plan_cli_prints_every_engine():
     assert p.returncode == 0, p.stderr
     for engine in planner.ENGINES:
         assert f"\n{engine} " in p.stdout
+
+
+def test_checkpointing_turns_on_only_where_memory_needs_it(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from greentext_dist.config import Config
+    from greentext_dist.dist import DistEnv
+    from greentext_dist.model import preset_config
+    from greentext_dist.train import resolve_checkpointing
+
+    import logging
+
+    caplog.set_level(logging.INFO, logger="greentext_dist")
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=budget * gib))
+    gpu = DistEnv(0, 8, 0, torch.device("cuda", 0))
+    cfg = Config()
+    cfg.model.model, cfg.train.backend, cfg.train.micro_batch_size = "xl", "ddp", 8
+    budget = 80
+    assert resolve_checkpointing(cfg, gpu, preset_config("xl", 0.1)) is True  # 8 x 1024 on XL DDP: ~74 GiB + states
+    assert "gradient checkpointing on" in caplog.text
+    cfg.model.model, cfg.train.micro_batch_size = "small", 8
+    assert resolve_checkpointing(cfg, gpu, preset_config("small", 0.1)) is False
+    cfg.model.gradient_checkpointing = False  # an explicit choice is kept
+    cfg.model.model, cfg.train.micro_batch_size = "xl", 8
+    assert resolve_checkpointing(cfg, gpu, preset_config("xl", 0.1)) is False
+    cfg.model.gradient_checkpointing = None
+    assert resolve_checkpointing(cfg, DistEnv(0, 1, 0, torch.device("cpu")), preset_config("xl", 0.1)) is False  # CPU: off

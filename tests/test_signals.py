@@ -38,7 +38,7 @@ def workers_of(proc):
     return [int(p) for p in out]
 
 
-@pytest.mark.parametrize("nproc,sig", [(1, signal.SIGTERM), (2, signal.SIGUSR1)])
+@pytest.mark.parametrize("nproc,sig", [(1, signal.SIGTERM), (1, signal.SIGINT), (2, signal.SIGUSR1)])
 def test_signal_checkpoints_and_resume_is_exact(corpus, tmp_path, nproc, sig):
     ref = tmp_path / "ref"
     assert run_inprocess(tiny_args(corpus, ref, *RUN)) == 0

@@ -150,7 +150,10 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, tokenize
         _fsync_dir(root)
         atomic_write_text(root / "latest", final.name + "\n")
         for _, old in step_dirs(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed first, so a kill mid-delete never leaves a half-deleted folder that looks like a checkpoint.
+            gone = root / f".del-{old.name}"
+            os.replace(old, gone)
+            shutil.rmtree(gone, ignore_errors=True)
 
     _collectively(finish_on_rank0, env, tmp, step)
     return final
@@ -187,6 +190,8 @@ def remove_partial_saves(root: Path) -> None:
     if root.is_dir():
         for p in root.glob(".tmp-step-*"):
             log.warning(f"removing {p}: a save that did not finish")
+            shutil.rmtree(p, ignore_errors=True)
+        for p in root.glob(".del-step-*"):  # rotation that was interrupted
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -1,5 +1,7 @@
 """Soak test: train, kill at random moments (SIGKILL or SIGTERM), resume, again and again; the final loss
-curve must equal an uninterrupted run, and checkpoint rotation must keep disk use bounded.
+curve must equal an uninterrupted run, and checkpoint rotation must keep disk use bounded: at most
+--keep-last + 1 checkpoints (a kill between a save's rename and its rotation) and one leftover
+temporary folder, which the next run removes.
 
     python scripts/soak.py --rounds 10 --max-steps 80            # the CI variant (about 1.5 min on 2 cores)
     python scripts/soak.py --rounds 100 --max-steps 2000 --epochs-corpus 20   # a long soak
@@ -90,7 +92,8 @@ def main() -> int:
         ckpts = out / "checkpoints"
         steps = [d for d in ckpts.iterdir() if d.name.startswith("step-")] if ckpts.exists() else []
         peak_disk = max(peak_disk, disk_bytes(out))
-        if len(steps) > 2:
+        # A kill between a save's rename and its rotation can leave one extra checkpoint until the next save.
+        if len(steps) > 3 or len(list(ckpts.glob(".*-step-*")) if ckpts.exists() else []) > 1:
             print(f"round {rounds}: {len(steps)} checkpoints on disk, --keep-last is 2", file=sys.stderr)
             return 1
         if (out / "final").exists():

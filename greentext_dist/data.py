@@ -127,16 +127,19 @@ def open_mix_source(name: str, text_field: str | None) -> IterableDataset:
 
 
 def open_train_dataset(dataset: str, text_field: str | None, mix: list[str], seed: int) -> tuple[IterableDataset, Callable[[dict], str]]:
-    """The training posts: --dataset alone, or interleaved with --mix sources by weight (seeded, so a resumed
-    run reads the same interleaving; an epoch ends when --dataset is exhausted)."""
+    """The training posts: --dataset alone, or interleaved with --mix sources."""
     ds = open_dataset(dataset)
-    get_text = text_getter(first_example(ds, dataset), text_field, dataset)
-    if not mix:
-        return ds, get_text
+    first = first_example(ds, dataset)
+    get_text = text_getter(first, text_field, dataset)
+    return with_mix(ds, first, get_text, mix, seed) if mix else (ds, get_text)
+
+
+def with_mix(ds: IterableDataset, first: dict, get_text, mix: list[str], seed: int) -> tuple[IterableDataset, Callable[[dict], str]]:
+    """--dataset interleaved with the --mix sources by weight (seeded, so a resumed run reads the same
+    interleaving; an epoch ends when --dataset is exhausted)."""
     from datasets import interleave_datasets
 
     sources = parse_mix(mix)
-    first = first_example(ds, dataset)
     main = ds.map(lambda ex: {"text": get_text(ex)}, remove_columns=list(first))
     streams = [main] + [open_mix_source(name, None) for name, _ in sources]
     probs = [1 - sum(w for _, w in sources)] + [w for _, w in sources]

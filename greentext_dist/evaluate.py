@@ -24,9 +24,8 @@ from greentext_dist.ui import console, fail, setup_logging
 
 def val_loss(model, tokenizer, a, env) -> dict:
     """The training definition: the same held-out posts (hash split), packing, and token-sum / token-count."""
-    from greentext_dist.data import IGNORE_INDEX, PackedStream, first_example, is_val_post, open_dataset, text_getter, val_batches, val_rows
-    from greentext_dist.dist import all_reduce_sum
-    from greentext_dist.loss import token_loss_sum
+    from greentext_dist.data import PackedStream, first_example, is_val_post, isolated_inputs, open_dataset, text_getter, val_batches, val_rows
+    from greentext_dist.loss import mean_token_loss
 
     ds = open_dataset(a.dataset)
     get_text = text_getter(first_example(ds, a.dataset), a.text_field, a.dataset)
@@ -36,20 +35,14 @@ def val_loss(model, tokenizer, a, env) -> dict:
     if not rows:
         raise UserError(f"no validation posts in {a.dataset} at --val-fraction {a.val_fraction}", "pass --all-posts to score the whole file")
     eos = tokenizer.eos_token_id if a.packing == "isolated" else None
-    total = torch.zeros(2, dtype=torch.float64, device=env.device)
-    from greentext_dist.data import isolated_inputs
 
-    for x, y, pos in val_batches(rows, a.batch_size, env.rank, env.world_size, None, eos):
+    def forward(x, pos):
         with autocast(env, a.precision):
-            logits = model(input_ids=x.to(env.device), use_cache=False,
-                           **isolated_inputs(pos.to(env.device) if pos is not None else None)).logits
-        y = y.to(env.device)
-        total[0] += token_loss_sum(logits, y).double()
-        total[1] += (y != IGNORE_INDEX).sum()
-    total = all_reduce_sum(total)
-    loss = (total[0] / total[1]).item()
+            return model(input_ids=x, use_cache=False, **isolated_inputs(pos)).logits
+
+    loss, n_tokens = mean_token_loss(forward, val_batches(rows, a.batch_size, env.rank, env.world_size, None, eos), env.device)
     return {"task": "val-loss", "dataset": a.dataset, "val_loss": loss, "perplexity": float(torch.tensor(loss).exp()),
-            "tokens": int(total[1]), "seq_len": a.seq_len, "packing": a.packing}
+            "tokens": n_tokens, "seq_len": a.seq_len, "packing": a.packing}
 
 
 def hellaswag(model, tokenizer, a, env) -> dict:

@@ -23,3 +23,16 @@ def global_target_count(batches: list[tuple[torch.Tensor, torch.Tensor]], device
     """Targets in this optimizer step over every rank: one all-reduce per step, no host sync."""
     local = sum((y != IGNORE_INDEX).sum() for _, y in batches)
     return all_reduce_sum(torch.as_tensor(local, device=device, dtype=torch.float32).clone())
+
+
+@torch.no_grad()
+def mean_token_loss(forward, batches, device: torch.device) -> tuple[float | None, int]:
+    """(summed token loss / target count over all ranks, target count) for batches of (x, y, position ids
+    or None); `forward(x, position_ids)` returns logits. Validation in training and in `evaluate` alike."""
+    total = torch.zeros(2, device=device)
+    for x, y, pos in batches:
+        x, y = x.to(device), y.to(device)
+        total[0] += token_loss_sum(forward(x, pos.to(device) if pos is not None else None), y)
+        total[1] += (y != IGNORE_INDEX).sum()
+    total = all_reduce_sum(total)
+    return ((total[0] / total[1]).item() if total[1] > 0 else None), int(total[1])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from greentext_dist.model import num_params
+
 # Dense bf16 tensor-core peaks (TFLOP/s), by substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = [
     ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0),
@@ -28,7 +30,7 @@ def flops_per_token(n_params_no_pos: int, n_layer: int, n_embd: int, seq_len: in
 def model_flops_per_token(model, seq_len: int, recompute: bool = False) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) per token; HFU adds the forward recomputed by checkpointing (1/3 more)."""
     c = model.config
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) - c.n_positions * c.n_embd
+    n = num_params(model) - c.n_positions * c.n_embd
     mf = flops_per_token(n, c.n_layer, c.n_embd, seq_len)
     return mf, mf * (4 / 3 if recompute else 1.0)
 

@@ -23,14 +23,14 @@ import torch
 from greentext_dist import checkpoint as ckpt
 from greentext_dist.config import Config, parse_args
 from greentext_dist.data import (
-    IGNORE_INDEX, PackedStream, TrainLoader, DataState, count_corpus, first_example, is_val_post, open_dataset, open_train_dataset,
-    parse_mix, text_getter,
+    PackedStream, TrainLoader, DataState, count_corpus, first_example, is_val_post, open_dataset, parse_mix,
+    text_getter, with_mix,
     val_batches, val_rows,
 )
 from greentext_dist.dist import DistEnv, all_reduce_sum, init_distributed, on_main, preflight, shutdown
 from greentext_dist.engines.ddp import apply_ddp
 from greentext_dist.errors import UserError
-from greentext_dist.loss import global_target_count, token_loss_sum
+from greentext_dist.loss import global_target_count, mean_token_loss, token_loss_sum
 from greentext_dist.metrics import MetricsLog
 from greentext_dist.model import apply_compile, build_model, check_matches_preset, init_kind, model_config, num_params, source_of
 from greentext_dist.optim import build_optimizer, lr_at, warmup_steps
@@ -45,19 +45,20 @@ log = logging.getLogger("greentext_dist")
 
 def build_streams(cfg: Config, tokenizer) -> tuple[PackedStream, PackedStream | None]:
     d, seed = cfg.data, cfg.train.seed
-    ds, get_text = open_train_dataset(d.dataset, d.text_field, d.mix, seed)
+    ds = open_dataset(d.dataset)
+    first = first_example(ds, d.dataset)
+    get_text = text_getter(first, d.text_field, d.dataset)
+    train_ds, train_get = with_mix(ds, first, get_text, d.mix, seed) if d.mix else (ds, get_text)
     common = dict(seed=seed, shuffle_buffer=d.shuffle_buffer)
     if d.val_dataset:
         vds = open_dataset(d.val_dataset)
         val_get = text_getter(first_example(vds, d.val_dataset), d.text_field, d.val_dataset)
-        return PackedStream(ds, get_text, tokenizer, d.seq_len, **common), PackedStream(vds, val_get, tokenizer, d.seq_len, shuffle=False, **common)
-    train = PackedStream(ds, get_text, tokenizer, d.seq_len, keep=lambda t: not is_val_post(t, d.val_fraction), **common)
+        return PackedStream(train_ds, train_get, tokenizer, d.seq_len, **common), PackedStream(vds, val_get, tokenizer, d.seq_len, shuffle=False, **common)
+    train = PackedStream(train_ds, train_get, tokenizer, d.seq_len, keep=lambda t: not is_val_post(t, d.val_fraction), **common)
     if d.val_fraction == 0:
         return train, None
     # Validation is always the held-out posts of --dataset itself, with or without --mix sources.
-    vds = open_dataset(d.dataset)
-    val_get = text_getter(first_example(vds, d.dataset), d.text_field, d.dataset)
-    val = PackedStream(vds, val_get, tokenizer, d.seq_len, keep=lambda t: is_val_post(t, d.val_fraction), shuffle=False, **common)
+    val = PackedStream(ds, get_text, tokenizer, d.seq_len, keep=lambda t: is_val_post(t, d.val_fraction), shuffle=False, **common)
     return train, val
 
 
@@ -103,10 +104,11 @@ def resolve_backend(cfg: Config, env: DistEnv) -> str:
     return "ddp"
 
 
-def build_engine(cfg: Config, env: DistEnv, plan: dict, resume_from: Path | None):
-    """Build the model the way its engine needs (ZeRO-3: partitioned from the start) and wrap it."""
+def build_engine(cfg: Config, env: DistEnv, plan: dict, resume_from: Path | None, config=None):
+    """Build the model the way its engine needs (ZeRO-3: partitioned from the start) and wrap it.
+    `config`: the model's GPT2Config when the caller has read it already."""
     weights = str(resume_from) if resume_from else None
-    config = model_config(cfg.model, weights)
+    config = config or model_config(cfg.model, weights)
     if resume_from:
         check_matches_preset(config, cfg.model, f"checkpoint {resume_from}")
     if cfg.data.seq_len > config.n_positions:
@@ -180,8 +182,8 @@ def print_summary(cfg: Config, env: DistEnv, layout: dict, engine, model, corpus
         ("tokens/step", f"{plan['tokens_per_step']:,} ({t.global_batch_size} x {d.seq_len})"),
         ("corpus", f"{corpus['posts']:,} posts, {corpus['tokens']:,} tokens, {corpus['rows']:,} rows of {d.seq_len}"
                    f" ({d.packing} packing keeps {corpus['rows'] * d.seq_len / max(corpus['tokens'], 1):.1%} of tokens as targets)"),
-        *([("mix", ", ".join([f"{d.dataset} {1 - sum(w for _, w in parse_mix(d.mix)):.0%}"]
-                             + [f"{n} {w:.0%}" for n, w in parse_mix(d.mix)]) + " of posts")] if d.mix else []),
+        *([("mix", ", ".join([f"{d.dataset} {1 - sum(w for _, w in mix):.0%}"] + [f"{n} {w:.0%}" for n, w in mix]) + " of posts")]
+          if (mix := parse_mix(d.mix)) else []),
         ("validation", f"{val_corpus['posts']:,} posts, {val_corpus['tokens']:,} tokens" if val_corpus else "none"),
         ("schedule", f"{plan['max_steps']} steps = {plan['epochs']:.2f} epochs ({plan['steps_per_epoch']:.3g} steps/epoch), "
                      f"lr {cfg.optim.lr:g} warmup {warmup_steps(cfg.optim, plan['max_steps'])} cosine to {cfg.optim.min_lr:g}"),
@@ -223,20 +225,15 @@ def train_step(engine, batches: list[tuple], grad_clip: float, device, loss_fn=t
     return global_loss, grad_norm, n_targets, applied
 
 
-@torch.no_grad()
 def evaluate(engine, rows, cfg: Config, env: DistEnv, eos_id: int) -> float | None:
     if not rows:
         return None
     engine.train(False)
-    total = torch.zeros(2, device=env.device)
     eos = eos_id if cfg.data.packing == "isolated" else None
-    for x, y, pos in val_batches(rows, cfg.train.micro_batch_size, env.rank, env.world_size, cfg.train.eval_batches, eos):
-        x, y = x.to(env.device), y.to(env.device)
-        total[0] += token_loss_sum(engine.forward(x, pos.to(env.device) if pos is not None else None), y)
-        total[1] += (y != IGNORE_INDEX).sum()
+    loss = mean_token_loss(engine.forward, val_batches(rows, cfg.train.micro_batch_size, env.rank, env.world_size, cfg.train.eval_batches, eos),
+                           env.device)[0]
     engine.train(True)
-    total = all_reduce_sum(total)
-    return (total[0] / total[1]).item() if total[1] > 0 else None
+    return loss
 
 
 SAMPLE_PROMPTS = ["be me", "tfw", "be me\nwork at a bank"]
@@ -315,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.model.gradient_checkpointing = resolve_checkpointing(cfg, env, model_shape)
     mem = memory_plan(cfg, env, model_shape, cfg.model.gradient_checkpointing)
     torch.manual_seed(t.seed)
-    engine, model = build_engine(cfg, env, plan, resume_from)
+    engine, model = build_engine(cfg, env, plan, resume_from, model_shape)
     if resume_from:
         engine.load_state(resume_from / ckpt.TRAIN_STATE)
     if not (resume_from and ckpt.load_rng_state(resume_from, env.rank)):

@@ -14,7 +14,7 @@ import torch
 from rich.text import Text
 
 from greentext_dist.errors import UserError
-from greentext_dist.model import check_gpt2_dir, load_weights
+from greentext_dist.model import check_gpt2_dir, load_weights, true_vocab
 from greentext_dist.tokenizer import load_tokenizer
 from greentext_dist.ui import console, fail, setup_logging
 
@@ -53,6 +53,7 @@ def generate_batch(model, tokenizer, texts: list[str], *, num_samples: int = 1, 
         input_ids, attention_mask=attention_mask, do_sample=sampling, temperature=temperature if sampling else None,
         top_k=(top_k or None) if sampling else None, top_p=top_p if sampling else None, max_new_tokens=max_new_tokens,
         eos_token_id=eos, pad_token_id=eos, use_cache=True, synced_gpus=synced_gpus,
+        suppress_tokens=list(range(true_vocab(model), model.config.vocab_size)) or None,  # rows of a padded vocabulary
     )
     samples = []
     for i, row in enumerate(out[:, width:].tolist()):

@@ -147,4 +147,47 @@ def load_weights(src: str, kwargs: dict) -> GPT2LMHeadModel:
 
 
 def num_params(model: torch.nn.Module) -> int:
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 partitions
+    """Parameters of the model as GPT-2 defines it: rows added by pad_vocab are not counted."""
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 partitions
+    return n - (model.config.vocab_size - true_vocab(model)) * model.config.n_embd
+
+
+def true_vocab(model) -> int:
+    """GPT-2's vocabulary (50,257): the width of the logits the loss sees, whatever pad_vocab did."""
+    return getattr(model, "true_vocab_size", model.config.vocab_size)
+
+
+def pad_vocab(model: GPT2LMHeadModel, multiple: int) -> None:
+    """Widen the tied embedding / LM head to a multiple of `multiple` rows (50,257 -> 50,304 for 64), inside
+    training only: 50,257 is odd, so the head's three matmuls run on unaligned strides (nanoGPT's trick).
+    The new rows are zero and stay zero: no token id reaches them, engines hand the loss only the first
+    true_vocab logits, so they get no gradient, and AdamW keeps a zero row zero. save_hf exports stock GPT-2."""
+    wte = model.transformer.wte
+    v, d = wte.weight.shape
+    padded = -(-v // multiple) * multiple
+    if multiple <= 1 or padded == v:
+        return
+    with torch.no_grad():
+        w = torch.zeros(padded, d, dtype=wte.weight.dtype, device=wte.weight.device)
+        w[:v] = wte.weight
+    wte.weight = torch.nn.Parameter(w)
+    wte.num_embeddings = padded
+    model.lm_head.weight = wte.weight  # the tie, as GPT-2 has it
+    model.lm_head.out_features = padded
+    model.config.vocab_size = padded
+    model.true_vocab_size = v
+
+
+def save_hf(model: GPT2LMHeadModel, folder, max_shard_size: str, state_dict: dict | None = None) -> None:
+    """save_pretrained as sharded safetensors, always as stock GPT-2: rows added by pad_vocab are cut off."""
+    v, padded = true_vocab(model), model.config.vocab_size
+    if v == padded:
+        model.save_pretrained(folder, state_dict=state_dict, max_shard_size=max_shard_size, safe_serialization=True)
+        return
+    sd = model.state_dict() if state_dict is None else state_dict
+    sd = {k: t[:v].clone() if k == "transformer.wte.weight" else t for k, t in sd.items() if k != "lm_head.weight"}
+    model.config.vocab_size = v
+    try:
+        model.save_pretrained(folder, state_dict=sd, max_shard_size=max_shard_size, safe_serialization=True)
+    finally:
+        model.config.vocab_size = padded

@@ -32,7 +32,9 @@ from greentext_dist.engines.ddp import apply_ddp
 from greentext_dist.errors import UserError
 from greentext_dist.loss import global_target_count, mean_token_loss, token_loss_sum
 from greentext_dist.metrics import MetricsLog
-from greentext_dist.model import apply_compile, build_model, check_matches_preset, init_kind, model_config, num_params, source_of
+from greentext_dist.model import (
+    apply_compile, build_model, check_matches_preset, init_kind, model_config, num_params, pad_vocab, source_of, true_vocab,
+)
 from greentext_dist.optim import build_optimizer, lr_at, warmup_steps
 from greentext_dist import perf, plan as planner, rundir
 from greentext_dist.report import write_report
@@ -104,6 +106,13 @@ def resolve_backend(cfg: Config, env: DistEnv) -> str:
     return "ddp"
 
 
+def pad_multiple(cfg: Config, env: DistEnv) -> int:
+    """--pad-vocab, by default 64 on a GPU (measured in docs/benchmarks.md) and off on CPU and ZeRO-3."""
+    if cfg.model.pad_vocab is not None:
+        return cfg.model.pad_vocab
+    return 64 if env.device.type == "cuda" and cfg.train.backend != "zero3" else 1
+
+
 def build_engine(cfg: Config, env: DistEnv, plan: dict, resume_from: Path | None, config=None):
     """Build the model the way its engine needs (ZeRO-3: partitioned from the start) and wrap it.
     `config`: the model's GPT2Config when the caller has read it already."""
@@ -125,10 +134,13 @@ def build_engine(cfg: Config, env: DistEnv, plan: dict, resume_from: Path | None
 
             gather = lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0)  # noqa: E731
         model = build_model(cfg.model, weights_from=weights, seed=cfg.train.seed, gather=gather)
+        if gather is None:
+            pad_vocab(model, pad_multiple(cfg, env))
         if cfg.model.compile:
             apply_compile(model)
         return apply_deepspeed(model, build_ds_optimizer(model, cfg.optim, ds_config, env.device), env, ds_config), model
     model = build_model(cfg.model, weights_from=weights, seed=cfg.train.seed).to(env.device)
+    pad_vocab(model, pad_multiple(cfg, env))
     if cfg.model.compile:
         apply_compile(model)
     if cfg.train.backend == "fsdp":
@@ -173,7 +185,8 @@ def print_summary(cfg: Config, env: DistEnv, layout: dict, engine, model, corpus
     t, d = cfg.train, cfg.data
     src = source_of(cfg.model) or "random init"
     rows = [
-        ("model", f"GPT-2 {cfg.model.model} ({num_params(model) / 1e6:.1f}M params, {init_kind(cfg.model)}: {src})"),
+        ("model", f"GPT-2 {cfg.model.model} ({num_params(model) / 1e6:.1f}M params, {init_kind(cfg.model)}: {src})"
+                  + (f", vocabulary padded to {model.config.vocab_size:,} in training" if model.config.vocab_size != true_vocab(model) else "")),
         ("engine", f"{engine.name}, {t.precision}, gradient checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}"
                    + (", torch.compile" if cfg.model.compile else "")),
         ("world", f"{env.world_size} rank(s) on {env.device.type}: {layout['nodes']} node(s) x {'/'.join(map(str, sorted(set(layout['ranks_per_node']))))}"

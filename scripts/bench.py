@@ -108,6 +108,20 @@ def hf_trainer_step_time(cfg, a, batches, device) -> float:
     return statistics.median(clock.times)
 
 
+def write_profile(path: str, step_fn, device, label: str) -> None:
+    """The kernels that take a step's time: two profiled steps, top 25 by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step_fn()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "a") as f:
+        f.write(f"## {label}\n\n" + prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70) + "\n\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small")
@@ -127,11 +141,22 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds of ours and the bare loop (best of each)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: from the GPU name)")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--pad-vocab", type=int, default=None, help="as train.py (default: 64 on a GPU except zero3)")
+    p.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
+                   help="model: torch.compile the whole model instead of each block (ddp on one rank only; an experiment)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs (ddp on one rank only)")
+    p.add_argument("--sdpa", default="default", choices=["default", "cudnn", "flash", "efficient"],
+                   help="pin scaled_dot_product_attention to one kernel")
+    p.add_argument("--profile", default=None, help="write the top kernels of two profiled steps to this file")
     a = p.parse_args()
+    custom_compile = a.compile and (a.compile_scope != "blocks" or a.compile_mode)
+    if custom_compile and a.backend != "ddp":
+        p.error("--compile-scope model / --compile-mode are measured with --backend ddp only")
 
     cfg = Config()
-    cfg.model.model, cfg.model.init, cfg.model.dropout = a.model, "scratch", 0.0
-    cfg.model.gradient_checkpointing, cfg.model.compile = a.gradient_checkpointing, a.compile
+    cfg.model.model, cfg.model.init, cfg.model.dropout, cfg.model.pad_vocab = a.model, "scratch", a.dropout, a.pad_vocab
+    cfg.model.gradient_checkpointing, cfg.model.compile = a.gradient_checkpointing, a.compile and not custom_compile
     cfg.data.seq_len = a.seq_len
     cfg.train.backend, cfg.train.precision, cfg.train.micro_batch_size = a.backend, a.precision, a.micro_batch_size
     env = init_distributed(single_rank_group=a.backend != "ddp")
@@ -153,6 +178,19 @@ def main() -> None:
     tokens_per_step = a.micro_batch_size * a.seq_len * a.grad_accum * env.world_size
 
     engine, model = build_engine(cfg, env, {"grad_accum": a.grad_accum}, None)
+    if custom_compile and env.world_size == 1:
+        if a.compile_scope == "model":
+            engine.model = torch.compile(engine.model, mode=a.compile_mode)
+        else:
+            for block in model.transformer.h:
+                block.compile(mode=a.compile_mode)
+    elif custom_compile:
+        p.error("--compile-scope model / --compile-mode are measured on one rank only")
+    if a.sdpa != "default":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernel = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}[a.sdpa]
+        sdpa_kernel([kernel]).__enter__()  # for the whole process
     engine.train(True)
     loss_fn = torch.compile(token_loss_sum) if a.compile else token_loss_sum
     ours_step = lambda: train_step(engine, batches, 1.0, env.device, loss_fn)  # noqa: E731
@@ -179,6 +217,8 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(env.device)
     dt = timed(ours_step, a.steps, a.warmup, env.device)
     peak_mem = peak_memory_gib(env.device)  # before the baselines allocate anything
+    if a.profile and env.is_main:
+        write_profile(a.profile, ours_step, env.device, " ".join(sys.argv[1:]))
     # Alternate rounds of ours and the bare loop, keeping each one's best: a shared machine's drift hits both.
     bare_dt = timed(bare_step, a.steps, a.warmup, env.device) if baseline else None
     for _ in range(a.rounds - 1 if baseline else 0):
@@ -197,7 +237,9 @@ def main() -> None:
         "peak_mem_gib": peak_mem,
         "planned_peak_gib": planner.peak_bytes(planner.shape(a.model), planner.engine_key(a.backend, False), env.world_size,
                                                a.micro_batch_size, a.seq_len, a.gradient_checkpointing, a.precision, a.compile)["peak"] / 2**30,
-        "compile": a.compile, "packing": a.packing,
+        "compile": a.compile, "packing": a.packing, "dropout": a.dropout, "vocab_rows": model.config.vocab_size,
+        "compile_scope": a.compile_scope if a.compile else None, "compile_mode": a.compile_mode, "sdpa": a.sdpa,
+        "source": "bench.py", "torch": torch.__version__, "command": "python scripts/bench.py " + " ".join(sys.argv[1:]),
     }
     engine = model = ours_step = None  # free our model before the baselines' turn
     if baseline:

@@ -69,22 +69,23 @@ def main() -> int:
     out = work / "run"
     rounds = kills = 0
     peak_disk = 0
+    # Where each kill lands: after a chosen step (spread over the first half, so the run cannot finish before
+    # every kill has happened however fast the machine is), plus a random moment that often falls inside a save.
+    targets = sorted(rng.sample(range(2, max(a.max_steps // 2, a.rounds + 3)), a.rounds))
     while True:
         rounds += 1
         proc = subprocess.Popen(args(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         before = len(losses(out)) if (out / "metrics.jsonl").exists() else 0
-        # Let this round make some progress, then strike at a random moment (often inside a save).
-        deadline = time.time() + 60
-        while proc.poll() is None and time.time() < deadline:
-            if (out / "metrics.jsonl").exists() and len(losses(out)) > before:
+        target = max(targets[kills], before + 1) if kills < a.rounds else None
+        deadline = time.time() + 120
+        while target and proc.poll() is None and time.time() < deadline:
+            if (out / "metrics.jsonl").exists() and len(losses(out)) >= target:
                 break
-            time.sleep(0.02)
-        if proc.poll() is None and kills < a.rounds:
-            time.sleep(rng.uniform(0.0, 0.8))
-            sig = rng.choice([signal.SIGKILL, signal.SIGKILL, signal.SIGTERM])
-            if proc.poll() is None:
-                proc.send_signal(sig)
-                kills += 1
+            time.sleep(0.01)
+        if target and proc.poll() is None:
+            time.sleep(rng.uniform(0.0, 0.05))
+            proc.send_signal(rng.choice([signal.SIGKILL, signal.SIGKILL, signal.SIGTERM]))
+            kills += 1
         _, err = proc.communicate(timeout=120)
         if proc.returncode not in (0, -signal.SIGKILL):
             print(f"round {rounds}: exit {proc.returncode}\n{err[-3000:]}", file=sys.stderr)

@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from greentext_dist.data import isolated_inputs
 from greentext_dist.dist import DistEnv
+from greentext_dist.model import save_hf, true_vocab
 
 
 class DDPEngine:
@@ -21,10 +22,12 @@ class DDPEngine:
         self.env, self.module, self.optimizer = env, model, optimizer
         self.model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None) if env.distributed else model
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.vocab = true_vocab(model)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         with torch.autocast(self.env.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return self.model(input_ids=x, use_cache=False, **isolated_inputs(position_ids)).logits
+            logits = self.model(input_ids=x, use_cache=False, **isolated_inputs(position_ids)).logits
+        return logits[..., :self.vocab]  # a padded vocabulary's extra logits never reach the loss
 
     def accumulating(self, last: bool):
         # Gradients are all-reduced once per optimizer step, on its last micro-batch.
@@ -64,7 +67,7 @@ class DDPEngine:
 
     def export_hf(self, folder: Path, max_shard_size: str) -> None:
         if self.env.is_main:
-            self.module.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
+            save_hf(self.module, folder, max_shard_size)
 
 
 def apply_ddp(model, optimizer, env: DistEnv, precision: str) -> DDPEngine:

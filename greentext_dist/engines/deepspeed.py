@@ -12,6 +12,7 @@ from greentext_dist.config import Config
 from greentext_dist.data import isolated_inputs
 from greentext_dist.dist import DistEnv
 from greentext_dist.errors import UserError
+from greentext_dist.model import save_hf, true_vocab
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 _hf_ds_config = None  # transformers reads the live HfDeepSpeedConfig through a weak reference: keep it alive
@@ -93,9 +94,10 @@ class DeepSpeedEngine:
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
+        self.vocab = true_vocab(model)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.engine(input_ids=x, use_cache=False, **isolated_inputs(position_ids)).logits
+        return self.engine(input_ids=x, use_cache=False, **isolated_inputs(position_ids)).logits[..., :self.vocab]
 
     def accumulating(self, last: bool):
         import contextlib
@@ -145,7 +147,7 @@ class DeepSpeedEngine:
 
         if self.stage < 3:
             if self.env.is_main:
-                self.module.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
+                save_hf(self.module, folder, max_shard_size)
             return
         state = {}
         seen = set()
@@ -159,7 +161,7 @@ class DeepSpeedEngine:
                     for n, p in params:
                         state[f"{prefix}.{n}" if prefix else n] = p.detach().to("cpu", copy=True)
         if self.env.is_main:
-            self.module.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size, safe_serialization=True)
+            save_hf(self.module, folder, max_shard_size, state_dict=state)
 
 
 def apply_deepspeed(model, optimizer, env: DistEnv, ds_config: dict) -> DeepSpeedEngine:

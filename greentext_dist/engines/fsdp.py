@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from greentext_dist.dist import DistEnv
 from greentext_dist.engines.ddp import DDPEngine
+from greentext_dist.model import save_hf, true_vocab
 
 
 def apply_fsdp(model, env: DistEnv, precision: str, reshard_after_forward: bool, cpu_offload: bool):
@@ -32,6 +33,7 @@ class FSDPEngine(DDPEngine):
     def __init__(self, model, optimizer, env: DistEnv, reshard_after_forward: bool, cpu_offload: bool):
         self.env, self.model, self.module, self.optimizer = env, model, model, optimizer
         self.autocast_dtype = None  # the MixedPrecisionPolicy casts parameters; no autocast on top
+        self.vocab = true_vocab(model)
         self.name = f"fsdp2 ({'reshard' if reshard_after_forward else 'keep'} after forward{', cpu offload' if cpu_offload else ''})"
 
     def accumulating(self, last: bool):
@@ -56,4 +58,4 @@ class FSDPEngine(DDPEngine):
         if self.env.is_main:
             if self.module.config.tie_word_embeddings:
                 sd.pop("lm_head.weight", None)
-            self.module.save_pretrained(folder, state_dict=sd, max_shard_size=max_shard_size, safe_serialization=True)
+            save_hf(self.module, folder, max_shard_size, state_dict=sd)

@@ -1,0 +1,302 @@
+"""The real commands on whatever single GPU is here, one JSON line per run in RESULTS_DIR/results.jsonl.
+
+    python scripts/gpu_check.py RESULTS_DIR [all|e2e|bench]      (scripts/gpu_check.sh sets up the environment)
+
+e2e:   train.py for real on a local greentext-format corpus (scratch init: no hub needed), through each
+       launcher and engine: python (ddp), deepspeed (zero2, zero3), torchrun (fsdp), accelerate launch
+       (accelerate_configs/fsdp.yaml). Each run is halted at step 10 with a checkpoint, resumed by the
+       same command to step 20, and its final/ is loaded back and sampled in a fresh process. Small runs
+       all engines side by side; XL then runs `deepspeed greentext_dist/train.py --model xl` alone (its
+       checkpoints are ~25 GB each).
+bench: scripts/bench.py rows, most important first, until the time budget is spent; one row is timed
+       again through train.py itself to measure what the real command costs over the bench step.
+
+GPU_CHECK_DRY=1 runs the same orchestration on the CPU with the tiny model (to check this script).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DRY = os.environ.get("GPU_CHECK_DRY") == "1"
+BUDGET_S = float(os.environ.get("BUDGET_S", "540"))
+T0 = time.time()
+WORK = Path(os.environ.get("GPU_CHECK_WORK", "/tmp/gpu_check"))
+
+
+def elapsed() -> float:
+    return time.time() - T0
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def versions() -> dict:
+    out = {}
+    for mod in ("torch", "transformers", "deepspeed", "datasets", "accelerate"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            out[mod] = f"missing ({type(e).__name__})"
+    return out
+
+
+def record(res: Path, row: dict) -> None:
+    row = {"gpu": GPU, **VERSIONS, "elapsed_s": round(elapsed(), 1), **row}
+    with open(res / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: v for k, v in row.items() if k not in ("tail", "samples")}), flush=True)
+
+
+def write_corpus(path: Path, n: int = 4000) -> Path:
+    """Greentext-shaped posts (lines starting with '>'), varied in length; ~1M GPT-2 tokens."""
+    rng = random.Random(0)
+    words = ("be me anon go outside see a dog cat pizza mfw tfw the bus job boss code rain wake up at 3am "
+             "mom says friend girl class teacher phone game win lose laugh cry why how just then").split()
+    with open(path, "w") as f:
+        for i in range(n):
+            lines = [">be me"] + [">" + " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))
+                                  for _ in range(rng.choice([3, 6, 12, 30]))]
+            f.write(json.dumps({"text": "\n".join(lines)}) + "\n")
+    return path
+
+
+def launcher(kind: str, port: int) -> list[str]:
+    train = "greentext_dist/train.py"
+    if kind == "python":
+        return [sys.executable, train]
+    if kind == "deepspeed":
+        ds = shutil.which("deepspeed")
+        head = [ds] if ds else [sys.executable, "-m", "deepspeed.launcher.runner"]
+        return [*head, "--num_gpus", "1", "--master_port", str(port), train]
+    if kind == "torchrun":
+        head = ["torchrun"] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
+        return [*head, "--standalone", "--nproc_per_node", "1", train]
+    if kind == "accelerate":
+        head = ["accelerate"] if shutil.which("accelerate") else [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+        return [*head, "launch", "--config_file", "accelerate_configs/fsdp.yaml", "--num_processes", "1",
+                "--main_process_port", str(port), train]
+    raise ValueError(kind)
+
+
+def train_losses(out: Path) -> list[tuple[int, float, float | None]]:
+    rows = []
+    p = out / "metrics.jsonl"
+    if p.exists():
+        for line in p.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "loss" in r and not r.get("skipped"):
+                rows.append((r["step"], r["loss"], r.get("tokens_per_s")))
+    return rows
+
+
+class E2E:
+    """One engine's halt -> resume -> reload sequence, run as a small state machine so several go side by side."""
+
+    def __init__(self, name: str, model: str, kind: str, extra: list[str], port: int, corpus: Path, res: Path):
+        self.name, self.model, self.kind, self.res = name, model, kind, res
+        self.out = WORK / name
+        shutil.rmtree(self.out, ignore_errors=True)
+        big = model in ("large", "xl")
+        shape = (["--seq-len", "128", "--global-batch-size", "8", "--micro-batch-size", "4", "--precision", "fp32"] if DRY else
+                 ["--global-batch-size", "8" if big else "16", "--micro-batch-size", "8"])
+        self.cmd = [*launcher(kind, port), "--model", model, "--init", "scratch", "--dataset", str(corpus),
+                    "--max-steps", "20", "--eval-every", "10", "--keep-last", "1", "--output-dir", str(self.out), *shape, *extra]
+        self.stages = [("halt", self.cmd + ["--halt-at-step", "10"]), ("resume", self.cmd),
+                       ("reload", [sys.executable, "-m", "greentext_dist.generate", str(self.out / "final"), "--prompt", "be me",
+                                   "--num-samples", "2", "--max-new-tokens", "40", "--seed", "0"])]
+        self.result = {"source": "train.py", "run": name, "model": model, "launcher": kind,
+                       "command": " ".join(self.cmd).replace(sys.executable, "python"), "ok": False}
+        self.proc, self.stage, self.t_stage, self.logs = None, -1, 0.0, {}
+        self.next()
+
+    def next(self) -> None:
+        self.stage += 1
+        if self.stage == len(self.stages):
+            self.finish()
+            return
+        what, cmd = self.stages[self.stage]
+        self.log = open(WORK / f"{self.name}.{what}.log", "w")
+        self.t_stage = time.time()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def poll(self, deadline: float) -> bool:
+        """Advance; True while still running."""
+        if self.proc is None:
+            return False
+        rc = self.proc.poll()
+        what = self.stages[self.stage][0]
+        if rc is None and time.time() > deadline:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+            rc = "timeout"
+        if rc is None:
+            return True
+        self.log.close()
+        text = (WORK / f"{self.name}.{what}.log").read_text(errors="replace")
+        self.result[f"{what}_s"] = round(time.time() - self.t_stage, 1)
+        self.result[f"{what}_rc"] = rc
+        if what == "halt":
+            self.result["halted_with_checkpoint"] = "halted after step 10" in text and (self.out / "checkpoints" / "step-10").is_dir()
+        if what == "resume":
+            self.result["resumed"] = "resuming from" in text
+            losses = train_losses(self.out)
+            self.result["steps"] = len(losses)
+            self.result["losses"] = [round(loss, 4) for _, loss, _ in losses]
+            tps = [t for s, _, t in losses if s > 12 and t]
+            self.result["median_tokens_per_s_after_resume"] = statistics.median(tps) if tps else None
+            self.result["final_val_loss"] = next((float(line.split()[-1]) for line in text.splitlines() if "final val_loss" in line), None)
+        if what == "reload":
+            self.result["samples"] = text[-600:]
+            self.result["final_loads"] = rc == 0 and "sample 1" in text
+        if rc != 0:
+            self.result["failed_stage"], self.result["tail"] = what, text[-2500:]
+            self.finish()
+            return False
+        self.next()
+        return self.proc is not None
+
+    def finish(self) -> None:
+        r = self.result
+        r["ok"] = bool(r.get("halted_with_checkpoint") and r.get("resumed") and r.get("steps") == 20 and r.get("final_loads"))
+        self.proc = None
+        record(self.res, r)
+        shutil.rmtree(self.out / "checkpoints", ignore_errors=True)  # disk: an XL checkpoint is ~25 GB
+
+
+def run_parallel(jobs: list[E2E], timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while any([j.poll(deadline) for j in jobs]):
+        time.sleep(1)
+
+
+def corpus_file() -> Path:
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = WORK / "corpus.jsonl"
+    return path if path.exists() else write_corpus(path, 400 if DRY else 4000)
+
+
+def e2e_small(res: Path) -> None:
+    corpus = corpus_file()
+    small = "tiny" if DRY else "small"
+    run_parallel([
+        E2E(f"{small}-ddp-python", small, "python", [], 0, corpus, res),
+        E2E(f"{small}-zero2-deepspeed", small, "deepspeed", ["--backend", "zero2"], 29511, corpus, res),
+        E2E(f"{small}-zero3-deepspeed", small, "deepspeed", ["--backend", "zero3"], 29512, corpus, res),
+        E2E(f"{small}-fsdp-torchrun", small, "torchrun", ["--backend", "fsdp"], 0, corpus, res),
+        E2E(f"{small}-fsdp-accelerate", small, "accelerate", [], 29514, corpus, res),
+    ], float(os.environ.get("E2E_SMALL_S", "180")))
+
+
+def e2e_xl(res: Path) -> None:
+    corpus = corpus_file()
+    big = "tiny" if DRY else "xl"
+    run_parallel([E2E(f"{big}-auto-deepspeed", big, "deepspeed", [], 29515, corpus, res)], min(float(os.environ.get("E2E_XL_S", "200")), BUDGET_S - elapsed() - 10))
+
+
+BENCH = [
+    # (label, bench.py args). Most important first: the goal rows with the best settings, then ablations.
+    ("small-best", "--model small --micro-batch-size 32 --grad-accum 4 --compile"),
+    ("xl-best", "--model xl --micro-batch-size 16 --grad-accum 2 --compile"),
+    ("small-best-train.py", None),
+    ("small-no-pad", "--model small --micro-batch-size 32 --grad-accum 4 --compile --pad-vocab 1"),
+    ("small-dropout0.1", "--model small --micro-batch-size 32 --grad-accum 4 --compile --dropout 0.1"),
+    ("xl-dropout0.1", "--model xl --micro-batch-size 16 --grad-accum 2 --compile --dropout 0.1"),
+    ("medium-best", "--model medium --micro-batch-size 32 --grad-accum 2 --compile"),
+    ("large-best", "--model large --micro-batch-size 16 --grad-accum 4 --compile"),
+    ("small-whole-model-compile", "--model small --micro-batch-size 32 --grad-accum 4 --compile --compile-scope model"),
+    ("xl-fsdp-gc-m16", "--model xl --backend fsdp --micro-batch-size 16 --grad-accum 2 --gradient-checkpointing --compile"),
+]
+
+
+DONE: dict[str, dict] = {}
+
+
+def bench(res: Path, rows: list) -> None:
+    WORK.mkdir(parents=True, exist_ok=True)
+    profile = res / "profile.txt"
+    for label, args in rows:
+        if elapsed() > BUDGET_S - 60:
+            record(res, {"source": "bench.py", "run": label, "skipped": "time budget"})
+            continue
+        if args is None:
+            train_timing(res, label)
+            continue
+        argv = args.split()
+        if DRY:
+            argv = [("tiny" if a in ("small", "xl", "medium", "large") else a) for a in argv]
+            argv += ["--seq-len", "128", "--precision", "fp32", "--micro-batch-size", "2"]
+        prof = ["--profile", str(profile)] if label in ("small-best", "xl-best") else []
+        cmd = [sys.executable, "scripts/bench.py", "--steps", "8", "--warmup", "3", "--rounds", "1", "--no-baseline",
+               "--json", str(WORK / "bench.jsonl"), *argv, *prof]
+        t = time.time()
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30, min(200, BUDGET_S - elapsed() - 20)))
+            rc, text = p.returncode, p.stdout + p.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, text = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rows = (WORK / "bench.jsonl").read_text().splitlines() if (WORK / "bench.jsonl").exists() else []
+        row = json.loads(rows[-1]) if rc == 0 and rows else {"failed": rc, "tail": text[-2000:], "command": "python scripts/bench.py " + args}
+        DONE[label] = row
+        record(res, {**row, "run": label, "wall_s": round(time.time() - t, 1)})
+
+
+def train_timing(res: Path, label: str) -> None:
+    """The small-best bench row's setting through train.py itself (real data, logging, guards): tokens/s after warm-up."""
+    corpus = corpus_file()
+    out = WORK / "timing"
+    shutil.rmtree(out, ignore_errors=True)
+    shape = (["--model", "tiny", "--seq-len", "128", "--precision", "fp32", "--micro-batch-size", "2", "--global-batch-size", "8"] if DRY else
+             ["--model", "small", "--micro-batch-size", "32", "--global-batch-size", "128"])
+    cmd = [sys.executable, "greentext_dist/train.py", *shape, "--init", "scratch", "--dataset", str(corpus), "--dropout", "0",
+           "--max-steps", "30", "--eval-every", "0", "--val-fraction", "0", "--output-dir", str(out)]
+    t = time.time()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30, min(200, BUDGET_S - elapsed() - 20)))
+        rc, text = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired:
+        rc, text = "timeout", ""
+    steps = train_losses(out)
+    tps = [s for n, _, s in steps if n > 10 and s]
+    ref = DONE.get(BENCH[0][0])
+    row = {"source": "train.py", "run": label, "command": " ".join(cmd).replace(sys.executable, "python"), "rc": rc,
+           "steps": len(steps), "median_tokens_per_s": statistics.median(tps) if tps else None, "wall_s": round(time.time() - t, 1)}
+    if ref and ref.get("tokens_per_s") and row["median_tokens_per_s"]:
+        row["bench_tokens_per_s"] = ref["tokens_per_s"]
+        row["ratio_to_bench"] = row["median_tokens_per_s"] / ref["tokens_per_s"]
+    if rc != 0:
+        row["tail"] = text[-2000:]
+    record(res, row)
+
+
+if __name__ == "__main__":
+    res = Path(sys.argv[1]).resolve()
+    part = sys.argv[2] if len(sys.argv) > 2 else "all"
+    res.mkdir(parents=True, exist_ok=True)
+    GPU, VERSIONS = gpu_name(), versions()
+    print(f"gpu_check {part} on {GPU}: {VERSIONS}", flush=True)
+    # Small's engines, the three rows that matter most, XL's headline command, then the other rows.
+    if part in ("all", "e2e"):
+        e2e_small(res)
+    if part in ("all", "bench"):
+        bench(res, BENCH[:3])
+    if part in ("all", "e2e"):
+        e2e_xl(res)
+    if part in ("all", "bench"):
+        bench(res, BENCH[3:])
+    print(f"gpu_check done in {elapsed():.0f} s", flush=True)

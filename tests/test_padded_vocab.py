@@ -124,7 +124,7 @@ def test_fsdp_two_ranks_padded_matches_reference(corpus, tmp_path):
     assert run_inprocess(tiny_args(corpus, ref, *RUN, "--pad-vocab", "1")) == 0
     p = launch(tiny_args(corpus, out, *RUN, "--backend", "fsdp", "--pad-vocab", "64"), nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "padded to 50,304" in p.stderr
+    assert "vocabulary padded" in p.stderr
     assert max(abs(a - b) for a, b in zip(train_losses(ref), train_losses(out))) <= 1e-4
     assert GPT2LMHeadModel.from_pretrained(out / "final").config.vocab_size == 50257
 

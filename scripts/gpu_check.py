@@ -31,6 +31,8 @@ DRY = os.environ.get("GPU_CHECK_DRY") == "1"
 BUDGET_S = float(os.environ.get("BUDGET_S", "540"))
 T0 = time.time()
 WORK = Path(os.environ.get("GPU_CHECK_WORK", "/tmp/gpu_check"))
+STEPS = int(os.environ.get("E2E_STEPS", "20"))  # halted with a checkpoint (after validation) half way, then resumed
+HALT = STEPS // 2
 
 
 def elapsed() -> float:
@@ -116,8 +118,8 @@ class E2E:
         shape = (["--seq-len", "128", "--global-batch-size", "8", "--micro-batch-size", "4", "--precision", "fp32"] if DRY else
                  ["--global-batch-size", "8" if big else "16", "--micro-batch-size", "8"])
         self.cmd = [*launcher(kind, port), "--model", model, "--init", "scratch", "--dataset", str(corpus),
-                    "--max-steps", "20", "--eval-every", "10", "--keep-last", "1", "--output-dir", str(self.out), *shape, *extra]
-        self.stages = [("halt", self.cmd + ["--halt-at-step", "10"]), ("resume", self.cmd),
+                    "--max-steps", str(STEPS), "--eval-every", str(HALT), "--keep-last", "1", "--output-dir", str(self.out), *shape, *extra]
+        self.stages = [("halt", self.cmd + ["--halt-at-step", str(HALT)]), ("resume", self.cmd),
                        ("reload", [sys.executable, "-m", "greentext_dist.generate", str(self.out / "final"), "--prompt", "be me",
                                    "--num-samples", "2", "--max-new-tokens", "40", "--seed", "0"])]
         self.result = {"source": "train.py", "run": name, "model": model, "launcher": kind,
@@ -152,13 +154,13 @@ class E2E:
         self.result[f"{what}_s"] = round(time.time() - self.t_stage, 1)
         self.result[f"{what}_rc"] = rc
         if what == "halt":
-            self.result["halted_with_checkpoint"] = "halted after step 10" in text and (self.out / "checkpoints" / "step-10").is_dir()
+            self.result["halted_with_checkpoint"] = f"halted after step {HALT}" in text and (self.out / "checkpoints" / f"step-{HALT}").is_dir()
         if what == "resume":
             self.result["resumed"] = "resuming from" in text
             losses = train_losses(self.out)
             self.result["steps"] = len(losses)
             self.result["losses"] = [round(loss, 4) for _, loss, _ in losses]
-            tps = [t for s, _, t in losses if s > 12 and t]
+            tps = [t for s, _, t in losses if s > HALT + 2 and t]
             self.result["median_tokens_per_s_after_resume"] = statistics.median(tps) if tps else None
             self.result["final_val_loss"] = next((float(line.split()[-1]) for line in text.splitlines() if "final val_loss" in line), None)
         if what == "reload":
@@ -173,7 +175,7 @@ class E2E:
 
     def finish(self) -> None:
         r = self.result
-        r["ok"] = bool(r.get("halted_with_checkpoint") and r.get("resumed") and r.get("steps") == 20 and r.get("final_loads"))
+        r["ok"] = bool(r.get("halted_with_checkpoint") and r.get("resumed") and r.get("steps") == STEPS and r.get("final_loads"))
         self.proc = None
         record(self.res, r)
         shutil.rmtree(self.out / "checkpoints", ignore_errors=True)  # disk: an XL checkpoint is ~25 GB
@@ -295,7 +297,7 @@ if __name__ == "__main__":
         e2e_small(res)
     if part in ("all", "bench"):
         bench(res, BENCH[:3])
-    if part in ("all", "e2e"):
+    if part in ("all", "e2e", "xl"):
         e2e_xl(res)
     if part in ("all", "bench"):
         bench(res, BENCH[3:])

@@ -149,6 +149,9 @@ class DeepSpeedEngine:
             if self.env.is_main:
                 save_hf(self.module, folder, max_shard_size)
             return
+        # A forward-only pass (validation, samples) leaves ZeRO-3's prefetched parameters in flight on the GPU's
+        # side stream, and gathering one of them fails ("Cannot partition a param in flight"): wait and release.
+        self.engine.empty_partition_cache()
         state = {}
         seen = set()
         for prefix, mod in self.module.named_modules():

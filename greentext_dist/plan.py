@@ -33,6 +33,11 @@ ACT_PER_LAYER_COMPILED, LOGIT_BYTES_COMPILED = 36.0, 3.1
 WORKSPACE = {"zero3": 3.5}
 ENGINES = ["ddp", "zero2", "zero3", "fsdp", "zero2_offload", "zero3_offload", "fsdp_offload"]
 
+# ZeRO-3 on one GPU has nothing to shard but still gathers and releases every parameter around every module:
+# XL measured 8.6% MFU on an H200 (docs/benchmarks.md), against 49% for compiled DDP. The plan's step time
+# uses it, and the plan and train.py's summary steer one-GPU users to another engine.
+ZERO3_ONE_GPU_MFU = 0.086
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -132,7 +137,8 @@ def plan_engine(model: str, engine: str, gpus: int, gpu_memory_gib: float, *, se
     held, grads = model_states(s, engine, gpus)
     n_no_pos = s.n_params - POSITIONS * s.n_embd
     flops_per_token = 6 * n_no_pos + 12 * s.n_layer * s.n_embd * seq_len
-    step_s = global_batch * seq_len * flops_per_token / (gpus * peak_tflops * 1e12 * mfu)
+    slow = engine == "zero3" and gpus == 1
+    step_s = global_batch * seq_len * flops_per_token / (gpus * peak_tflops * 1e12 * (min(mfu, ZERO3_ONE_GPU_MFU) if slow else mfu))
     per_pass = b * gpus
     row.update(
         checkpointing=gc, micro=b, fits=mem["peak"] <= budget,
@@ -140,7 +146,7 @@ def plan_engine(model: str, engine: str, gpus: int, gpu_memory_gib: float, *, se
         params_grads_optim_gib=(held + grads) / GIB, activations_gib=mem["activations"] / GIB,
         activations_nogc_gib=activations(s, engine, b, seq_len, False, compiled=compiled) / GIB,
         activations_gc_gib=activations(s, engine, b, seq_len, True, compiled=compiled) / GIB,
-        peak_gib=mem["peak"] / GIB, step_s=step_s,
+        peak_gib=mem["peak"] / GIB, step_s=step_s, slow_on_one_gpu=slow,
     )
     return row
 
@@ -187,11 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(
             engine, f"{r['params_grads_optim_gib']:.1f}", f"{r['activations_nogc_gib']:.1f}/{r['activations_gc_gib']:.1f}",
             "on" if r["checkpointing"] else "off", str(r["micro"]), str(r["grad_accum"] or "-"), f"{r['peak_gib']:.1f}",
-            "[green]yes[/]" if r["fits"] else "[red]no[/]", f"{r['step_s']:.1f}",
+            ("[yellow]yes, slow[/]" if r["slow_on_one_gpu"] else "[green]yes[/]") if r["fits"] else "[red]no[/]", f"{r['step_s']:.1f}",
         )
     console.print(table)
     console.print("states = parameters + gradients + optimizer state per GPU; act = activations + logits of one micro-batch. "
                   "Offload variants keep optimizer state (and for zero3/fsdp, parameters) in CPU memory.")
+    if a.gpus == 1:
+        console.print(f"zero3 on one GPU shards nothing and measured {ZERO3_ONE_GPU_MFU:.1%} MFU (XL, H200): pick ddp, fsdp or zero2, "
+                      "or zero3 only with offload when memory is short.")
     return 0
 
 

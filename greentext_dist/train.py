@@ -102,7 +102,9 @@ def resolve_backend(cfg: Config, env: DistEnv) -> str:
         raise UserError("--ds-config/--offload need a DeepSpeed engine", "add --backend zero2 or --backend zero3")
     under_deepspeed_launcher = "CROSS_SIZE" in os.environ and "LOCAL_SIZE" in os.environ
     if under_deepspeed_launcher:
-        return "zero3" if cfg.model.model in ("large", "xl") else "zero2"
+        # ZeRO-3 pays only where there is something to shard across: on one GPU it is ~5x slower than ZeRO-2.
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        return "zero3" if several and cfg.model.model in ("large", "xl") else "zero2"
     return "ddp"
 
 
@@ -218,6 +220,9 @@ def print_summary(cfg: Config, env: DistEnv, layout: dict, engine, model, corpus
         log.warning(f"likely out of memory: planned peak {mem['peak'] / 2**30:.1f} GiB on a {mem['budget'] / 2**30:.0f} GiB GPU. "
                     + (f"Try --micro-batch-size {fit}" if fit else "Try --gradient-checkpointing, --backend zero3/fsdp or --offload")
                     + f" (see python -m greentext_dist.plan --model {cfg.model.model} --gpus {env.world_size}).")
+    if t.backend == "zero3" and env.world_size == 1 and not t.offload:
+        log.warning(f"ZeRO-3 on one GPU shards nothing and measured {planner.ZERO3_ONE_GPU_MFU:.1%} MFU (XL, H200): "
+                    "--backend ddp, fsdp or zero2 is several times faster; keep zero3 for several GPUs or with --offload.")
     if plan["epochs"] > 20:
         log.warning(f"{plan['epochs']:.0f} epochs planned over a small corpus: watch val_loss for overfitting.")
 

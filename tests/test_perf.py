@@ -38,3 +38,22 @@ def test_bench_script_runs_on_cpu():
                         "--steps", "2", "--warmup", "1", "--precision", "fp32"], capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "tokens_per_s=" in p.stdout and "ratio_to_bare=" in p.stdout and "ratio_to_trainer=" in p.stdout
+
+
+def test_zero3_is_steered_away_from_one_gpu(monkeypatch):
+    from greentext_dist.config import Config
+    from greentext_dist.dist import DistEnv
+    from greentext_dist.plan import plan_engine
+    from greentext_dist.train import resolve_backend
+
+    one, eight = plan_engine("xl", "zero3", 1, 80), plan_engine("xl", "zero3", 8, 80)
+    assert one["slow_on_one_gpu"] and not eight["slow_on_one_gpu"]
+    assert one["step_s"] > 4 * plan_engine("xl", "zero2", 1, 80)["step_s"]
+    cfg = Config()
+    monkeypatch.setenv("CROSS_SIZE", "1")
+    monkeypatch.setenv("LOCAL_SIZE", "1")
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    for model, world, want in (("xl", "1", "zero2"), ("xl", "8", "zero3"), ("large", "2", "zero3"), ("small", "8", "zero2")):
+        cfg.model.model = model
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert resolve_backend(cfg, env) == want, (model, world)

@@ -7,7 +7,6 @@ previous checkpoints untouched, and a folder without a valid manifest is never r
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -131,12 +130,8 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, tokenize
         engine.export_hf(tmp, max_shard_size)
         engine.save_state(tmp / TRAIN_STATE)
         torch.save(rng_state(), tmp / TRAIN_STATE / f"rng-rank{env.rank}.pt")
-        if os.environ.get("GREENTEXT_TEST_DISK_FULL"):  # fault injection for the tests: the disk fills mid-save
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "model.safetensors"))
 
     _collectively(written_by_all_ranks, env, tmp, step)
-    if os.environ.get("GREENTEXT_TEST_CRASH_IN_SAVE"):  # fault injection for the tests: die mid-save
-        os._exit(17)
 
     def finish_on_rank0() -> None:
         if not env.is_main:

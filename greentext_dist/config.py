@@ -61,7 +61,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    backend: str = _f("auto", "engine (auto: zero2/zero3 by size under the deepspeed launcher, else ddp)", ["auto", "ddp", "zero2", "zero3", "fsdp"])
+    backend: str = _f("auto", "engine from greentext_dist/engines (auto: zero2, or zero3 for large/xl on several GPUs, under the deepspeed launcher; else ddp)")
     ds_config: str | None = _f(None, "DeepSpeed JSON (default: ds_configs/<backend>.json); \"auto\" fields are filled from the CLI")
     offload: bool = _f(False, "DeepSpeed: offload optimizer state (ZeRO-2) and parameters too (ZeRO-3) to CPU")
     fsdp_reshard_after_forward: bool = _f(True, "FSDP: free gathered parameters after forward (like ZeRO-3; off is like ZeRO-2)")
@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
             flag = "--" + f.name.replace("_", "-")
             tp = types_[f.name]
             kw = dict(dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS, help=f.metadata["help"])
+            if f.name == "backend":
+                from greentext_dist.engines import ENGINES  # the registry is the one list of engines
+
+                kw["choices"] = ["auto", *ENGINES]
             if tp is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             elif typing.get_origin(tp) is list:
@@ -143,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                 kw["metavar"] = tp.__name__.upper()
                 if f.metadata.get("choices"):
                     kw["choices"] = f.metadata["choices"]
+                if "choices" in kw:
                     kw.pop("metavar")
             group.add_argument(flag, **kw)
     return p
@@ -232,9 +237,6 @@ def validate(cfg: Config) -> None:
     }
     if cfg.model.pad_vocab is not None:
         positive["--pad-vocab"] = cfg.model.pad_vocab
-        if cfg.model.pad_vocab > 1 and t.backend == "zero3":
-            raise UserError("--pad-vocab cannot be used with --backend zero3 (its parameters are partitioned when built, before they could be widened)",
-                            "drop --pad-vocab (or pass --pad-vocab 1), or use --backend fsdp / zero2")
     for flag in ("max_steps", "epochs", "halt_at_step", "eval_batches", "peak_tflops"):
         if getattr(t, flag) is not None:
             positive["--" + flag.replace("_", "-")] = getattr(t, flag)
@@ -256,7 +258,5 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--dropout must be in [0, 1), got {cfg.model.dropout}", "use e.g. 0.1")
     if o.min_lr > o.lr:
         raise UserError(f"--min-lr {o.min_lr} is above --lr {o.lr}", "lower --min-lr")
-    if d.seq_len > 1024 and not cfg.model.model_path:
-        raise UserError(f"--seq-len {d.seq_len} is longer than GPT-2's 1024 positions", "use --seq-len 1024 or less")
     if cfg.model.model == "tiny" and cfg.model.init == "pretrained" and not cfg.model.model_path:
         raise UserError("--model tiny has no pretrained weights", "use --init scratch, or --model-path DIR")

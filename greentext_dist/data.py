@@ -31,7 +31,6 @@ KNOWN_DATA_FILES = {"DarwinAnim8or/greentext": "greentexts.jsonl"}
 IGNORE_INDEX = -100
 TOKENIZE_CHUNK = 64  # posts per batched tokenizer call (the Rust tokenizer parallelises within a call)
 
-DEMO_CORPUS = Path(__file__).parent / "data" / "demo_greentexts.jsonl"
 
 
 # ---------------------------------------------------------------- sources
@@ -145,6 +144,16 @@ def with_mix(ds: IterableDataset, first: dict, get_text, mix: list[str], seed: i
     probs = [1 - sum(w for _, w in sources)] + [w for _, w in sources]
     mixed = interleave_datasets(streams, probabilities=probs, seed=seed, stopping_strategy="first_exhausted")
     return mixed, lambda ex: ex["text"] or ""
+
+
+def val_stream(dataset: str, text_field: str | None, val_fraction: float, tokenizer, seq_len: int,
+               all_posts: bool = False) -> PackedStream:
+    """The held-out posts of `dataset` (hash split), in file order, packed as in training: for training's
+    validation and `evaluate --task val-loss` alike."""
+    ds = open_dataset(dataset)
+    get_text = text_getter(first_example(ds, dataset), text_field, dataset)
+    keep = (lambda t: True) if all_posts else (lambda t: is_val_post(t, val_fraction))
+    return PackedStream(ds, get_text, tokenizer, seq_len, seed=0, shuffle_buffer=1, keep=keep, shuffle=False)
 
 
 def is_val_post(text: str, fraction: float) -> bool:

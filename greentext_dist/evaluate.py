@@ -11,34 +11,31 @@ Prints the result and writes it as JSON (--output); robustness also writes a Mar
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from greentext_dist.engines.base import autocast
 from greentext_dist.errors import UserError
 from greentext_dist.ui import console, fail, setup_logging
 
 
 def val_loss(model, tokenizer, a, env) -> dict:
     """The training definition: the same held-out posts (hash split), packing, and token-sum / token-count."""
-    from greentext_dist.data import PackedStream, first_example, is_val_post, isolated_inputs, open_dataset, text_getter, val_batches, val_rows
+    from greentext_dist.data import val_batches, val_rows, val_stream
     from greentext_dist.loss import mean_token_loss
+    from greentext_dist.model import lm_logits, true_vocab
 
-    ds = open_dataset(a.dataset)
-    get_text = text_getter(first_example(ds, a.dataset), a.text_field, a.dataset)
-    keep = (lambda t: True) if a.all_posts else (lambda t: is_val_post(t, a.val_fraction))
-    stream = PackedStream(ds, get_text, tokenizer, a.seq_len, seed=0, shuffle_buffer=1, keep=keep, shuffle=False)
-    rows = val_rows(stream)
+    rows = val_rows(val_stream(a.dataset, a.text_field, a.val_fraction, tokenizer, a.seq_len, all_posts=a.all_posts))
     if not rows:
         raise UserError(f"no validation posts in {a.dataset} at --val-fraction {a.val_fraction}", "pass --all-posts to score the whole file")
     eos = tokenizer.eos_token_id if a.packing == "isolated" else None
 
     def forward(x, pos):
-        with autocast(env, a.precision):
-            return model(input_ids=x, use_cache=False, **isolated_inputs(pos)).logits
+        with autocast(env.device, a.precision):
+            return lm_logits(model, x, pos, true_vocab(model))
 
     loss, n_tokens = mean_token_loss(forward, val_batches(rows, a.batch_size, env.rank, env.world_size, None, eos), env.device)
     return {"task": "val-loss", "dataset": a.dataset, "val_loss": loss, "perplexity": float(torch.tensor(loss).exp()),
@@ -49,7 +46,7 @@ def hellaswag(model, tokenizer, a, env) -> dict:
     from greentext_dist.hellaswag import evaluate_hellaswag, load_items
 
     items = load_items(a.data, limit=a.limit)
-    with autocast(env, a.precision):
+    with autocast(env.device, a.precision):
         return {**evaluate_hellaswag(model, tokenizer, items, env.rank, env.world_size, a.batch_size, env.device), "data": a.data}
 
 
@@ -66,7 +63,7 @@ def robustness(model, tokenizer, a, env) -> dict:
     mine = suite[env.rank::env.world_size]
     # Greentext openings are written without '>' and formatted; deviation prompts go in as typed.
     texts = [as_greentext(p) if kind == "greentext" else p for kind, p in mine]
-    with autocast(env, a.precision):
+    with autocast(env.device, a.precision):
         outs = generate_batch(model, tokenizer, texts, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
                               temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed + env.rank)
     samples = []
@@ -96,12 +93,6 @@ def robustness_markdown(result: dict, checkpoint: str, shown: int = 2) -> str:
         for s in [s for s in result["samples"] if s["kind"] == kind][:shown]:
             lines += [f"Prompt `{s['prompt']!r}`, longest run shared with the corpus: {s['longest_run']} tokens", "", "```", s["text"], "```", ""]
     return "\n".join(lines) + "\n"
-
-
-def autocast(env, precision: str):
-    if precision == "bf16":
-        return torch.autocast(env.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def build_parser() -> argparse.ArgumentParser:

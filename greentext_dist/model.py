@@ -178,6 +178,14 @@ def pad_vocab(model: GPT2LMHeadModel, multiple: int) -> None:
     model.true_vocab_size = v
 
 
+def lm_logits(model, x: torch.Tensor, position_ids: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """The one forward for training, validation and evaluation: logits over the true vocabulary (a padded
+    vocabulary's extra columns never reach a loss), with per-post positions and mask for isolated packing."""
+    from greentext_dist.data import isolated_inputs
+
+    return model(input_ids=x, use_cache=False, **isolated_inputs(position_ids)).logits[..., :vocab]
+
+
 def save_hf(model: GPT2LMHeadModel, folder, max_shard_size: str, state_dict: dict | None = None) -> None:
     """save_pretrained as sharded safetensors, always as stock GPT-2: rows added by pad_vocab are cut off."""
     v, padded = true_vocab(model), model.config.vocab_size

@@ -17,6 +17,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+from greentext_dist.perf import flops_per_token
 from greentext_dist.model import PRESETS
 
 VOCAB, POSITIONS = 50257, 1024
@@ -59,10 +60,6 @@ def shape(model: str) -> Shape:
 def shape_for(n_layer: int, d: int, vocab: int = VOCAB, positions: int = POSITIONS) -> Shape:
     n = vocab * d + positions * d + n_layer * (12 * d * d + 13 * d) + 2 * d
     return Shape(n_layer, d, n, vocab * d)
-
-
-def engine_key(backend: str, offload: bool) -> str:
-    return f"{backend}_offload" if offload and backend != "ddp" else backend
 
 
 def model_states(s: Shape, engine: str, gpus: int, precision: str = "bf16") -> tuple[float, float]:
@@ -136,9 +133,9 @@ def plan_engine(model: str, engine: str, gpus: int, gpu_memory_gib: float, *, se
     mem = peak_bytes(s, engine, gpus, b, seq_len, gc, compiled=compiled)
     held, grads = model_states(s, engine, gpus)
     n_no_pos = s.n_params - POSITIONS * s.n_embd
-    flops_per_token = 6 * n_no_pos + 12 * s.n_layer * s.n_embd * seq_len
+    flops = flops_per_token(n_no_pos, s.n_layer, s.n_embd, seq_len)
     slow = engine == "zero3" and gpus == 1
-    step_s = global_batch * seq_len * flops_per_token / (gpus * peak_tflops * 1e12 * (min(mfu, ZERO3_ONE_GPU_MFU) if slow else mfu))
+    step_s = global_batch * seq_len * flops / (gpus * peak_tflops * 1e12 * (min(mfu, ZERO3_ONE_GPU_MFU) if slow else mfu))
     per_pass = b * gpus
     row.update(
         checkpointing=gc, micro=b, fits=mem["peak"] <= budget,

@@ -2,6 +2,9 @@
 
     python greentext_dist/train.py --model small
     torchrun --nproc_per_node 8 greentext_dist/train.py --model medium
+
+Reads top to bottom: setup(cfg) -> Run (data, plan, engine, resume point), fit(run) (the loop), finish(run)
+(final validation, export, report). The engine is chosen once, in setup; the loop has no engine branches.
 """
 
 from __future__ import annotations
@@ -13,29 +16,28 @@ if __name__ == "__main__" and not __package__:
     # Run as a file: import the package beside this folder, and don't let its modules shadow others.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import dataclasses
 import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
 from greentext_dist import checkpoint as ckpt
 from greentext_dist.config import Config, parse_args
 from greentext_dist.data import (
-    PackedStream, TrainLoader, DataState, count_corpus, first_example, is_val_post, open_dataset, parse_mix,
-    text_getter, with_mix,
-    val_batches, val_rows,
+    DataState, PackedStream, TrainLoader, count_corpus, first_example, is_val_post, open_dataset, open_train_dataset, parse_mix,
+    text_getter, val_batches, val_rows, val_stream,
 )
 from greentext_dist.dist import DistEnv, all_reduce_sum, init_distributed, on_main, preflight, shutdown
-from greentext_dist.engines.ddp import apply_ddp
+from greentext_dist.engines import ENGINES, Engine, EngineSpec, resolve_backend
 from greentext_dist.errors import UserError
 from greentext_dist.loss import global_target_count, mean_token_loss, token_loss_sum
 from greentext_dist.metrics import MetricsLog
-from greentext_dist.model import (
-    apply_compile, build_model, check_matches_preset, init_kind, model_config, num_params, pad_vocab, source_of, true_vocab,
-)
-from greentext_dist.optim import build_optimizer, lr_at, warmup_steps
+from greentext_dist.model import check_matches_preset, init_kind, model_config, num_params, source_of, true_vocab
+from greentext_dist.optim import lr_at, warmup_steps
 from greentext_dist import perf, plan as planner, rundir
 from greentext_dist.report import write_report
 from greentext_dist.signals import GracefulStop
@@ -45,26 +47,82 @@ from greentext_dist.ui import TrainProgress, console, fail, setup_logging, summa
 log = logging.getLogger("greentext_dist")
 
 
+@dataclass(frozen=True)
+class Corpus:
+    posts: int
+    tokens: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    grad_accum: int
+    tokens_per_step: int
+    steps_per_epoch: float
+    max_steps: int
+    epochs: float
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    peak: float
+    states: float
+    activations: float
+    budget: int | None  # the GPU's memory, None on CPU
+    key: str
+    shape: planner.Shape
+
+
+@dataclass
+class Progress:
+    """What the loop advances and a checkpoint saves."""
+
+    step: int = 0
+    tokens: torch.Tensor | None = None  # targets seen, on the device (read only on log steps)
+    data: DataState = dataclasses.field(default_factory=DataState)
+    bad_steps: int = 0
+
+
+@dataclass
+class Run:
+    cfg: Config  # resolved: backend, compile, checkpointing and vocabulary padding decided
+    env: DistEnv
+    spec: EngineSpec
+    layout: dict
+    tokenizer: object
+    train_stream: PackedStream
+    val: list  # validation rows (rank 0 packs them once, every rank receives them)
+    corpus: Corpus
+    val_corpus: Corpus | None
+    plan: Plan
+    mem: MemoryPlan
+    engine: Engine
+    resume_from: Path | None
+    resumed_state: dict | None
+    checkpointer: "Checkpointer"
+    progress: Progress
+    out: Path
+    metrics: MetricsLog  # OUT/metrics.jsonl: train, skipped and validation lines
+    samples: MetricsLog  # OUT/samples.jsonl (--sample-every)
+
+
 def build_streams(cfg: Config, tokenizer) -> tuple[PackedStream, PackedStream | None]:
     d, seed = cfg.data, cfg.train.seed
-    ds = open_dataset(d.dataset)
-    first = first_example(ds, d.dataset)
-    get_text = text_getter(first, d.text_field, d.dataset)
-    train_ds, train_get = with_mix(ds, first, get_text, d.mix, seed) if d.mix else (ds, get_text)
+    train_ds, train_get = open_train_dataset(d.dataset, d.text_field, d.mix, seed)
     common = dict(seed=seed, shuffle_buffer=d.shuffle_buffer)
     if d.val_dataset:
         vds = open_dataset(d.val_dataset)
         val_get = text_getter(first_example(vds, d.val_dataset), d.text_field, d.val_dataset)
-        return PackedStream(train_ds, train_get, tokenizer, d.seq_len, **common), PackedStream(vds, val_get, tokenizer, d.seq_len, shuffle=False, **common)
+        return (PackedStream(train_ds, train_get, tokenizer, d.seq_len, **common),
+                PackedStream(vds, val_get, tokenizer, d.seq_len, shuffle=False, **common))
     train = PackedStream(train_ds, train_get, tokenizer, d.seq_len, keep=lambda t: not is_val_post(t, d.val_fraction), **common)
     if d.val_fraction == 0:
         return train, None
     # Validation is always the held-out posts of --dataset itself, with or without --mix sources.
-    val = PackedStream(ds, get_text, tokenizer, d.seq_len, keep=lambda t: is_val_post(t, d.val_fraction), shuffle=False, **common)
-    return train, val
+    return train, val_stream(d.dataset, d.text_field, d.val_fraction, tokenizer, d.seq_len)
 
 
-def plan_run(cfg: Config, env: DistEnv, corpus: dict) -> dict:
+def plan_run(cfg: Config, env: DistEnv, corpus: Corpus) -> Plan:
     t = cfg.train
     per_pass = t.micro_batch_size * env.world_size
     if t.global_batch_size % per_pass:
@@ -72,118 +130,61 @@ def plan_run(cfg: Config, env: DistEnv, corpus: dict) -> dict:
             f"--global-batch-size {t.global_batch_size} is not divisible by micro-batch {t.micro_batch_size} x {env.world_size} ranks = {per_pass}",
             f"use a multiple of {per_pass}, e.g. --global-batch-size {max(per_pass, round(t.global_batch_size / per_pass) * per_pass)}",
         )
-    rows = corpus["rows"]
-    if rows == 0:
+    if corpus.rows == 0:
         raise UserError(
-            f"the training data ({corpus['tokens']} tokens) is shorter than one row of --seq-len {cfg.data.seq_len}",
+            f"the training data ({corpus.tokens} tokens) is shorter than one row of --seq-len {cfg.data.seq_len}",
             "lower --seq-len or add data",
         )
-    steps_per_epoch = rows / t.global_batch_size
+    steps_per_epoch = corpus.rows / t.global_batch_size
     epochs = t.epochs if t.epochs is not None else 3.0
     max_steps = t.max_steps if t.max_steps is not None else math.floor(epochs * steps_per_epoch)
     if max_steps == 0:
         raise UserError(
-            f"{epochs:g} epoch(s) of {rows} rows give no full step of --global-batch-size {t.global_batch_size}",
-            f"raise --epochs to at least {math.ceil(t.global_batch_size / rows)}, lower --global-batch-size, or set --max-steps",
+            f"{epochs:g} epoch(s) of {corpus.rows} rows give no full step of --global-batch-size {t.global_batch_size}",
+            f"raise --epochs to at least {math.ceil(t.global_batch_size / corpus.rows)}, lower --global-batch-size, or set --max-steps",
         )
-    return {
-        "grad_accum": t.global_batch_size // per_pass,
-        "tokens_per_step": t.global_batch_size * cfg.data.seq_len,
-        "steps_per_epoch": steps_per_epoch,
-        "max_steps": max_steps,
-        "epochs": max_steps / steps_per_epoch,
-    }
+    return Plan(t.global_batch_size // per_pass, t.global_batch_size * cfg.data.seq_len, steps_per_epoch, max_steps, max_steps / steps_per_epoch)
 
 
-def resolve_backend(cfg: Config, env: DistEnv) -> str:
-    if cfg.train.backend != "auto":
-        return cfg.train.backend
-    if cfg.train.ds_config or cfg.train.offload:
-        raise UserError("--ds-config/--offload need a DeepSpeed engine", "add --backend zero2 or --backend zero3")
-    under_deepspeed_launcher = "CROSS_SIZE" in os.environ and "LOCAL_SIZE" in os.environ
-    if under_deepspeed_launcher:
-        # ZeRO-3 pays only where there is something to shard across: on one GPU it is ~5x slower than ZeRO-2.
-        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        return "zero3" if several and cfg.model.model in ("large", "xl") else "zero2"
-    return "ddp"
-
-
-def pad_multiple(cfg: Config, env: DistEnv) -> int:
-    """--pad-vocab, by default 64 on a GPU (measured in docs/benchmarks.md) and off on CPU and ZeRO-3."""
-    if cfg.model.pad_vocab is not None:
-        return cfg.model.pad_vocab
-    return 64 if env.device.type == "cuda" and cfg.train.backend != "zero3" else 1
-
-
-def build_engine(cfg: Config, env: DistEnv, plan: dict, resume_from: Path | None, config=None):
-    """Build the model the way its engine needs (ZeRO-3: partitioned from the start) and wrap it.
-    `config`: the model's GPT2Config when the caller has read it already."""
-    weights = str(resume_from) if resume_from else None
-    config = config or model_config(cfg.model, weights)
-    if resume_from:
-        check_matches_preset(config, cfg.model, f"checkpoint {resume_from}")
-    if cfg.data.seq_len > config.n_positions:
-        raise UserError(f"--seq-len {cfg.data.seq_len} is longer than the model's {config.n_positions} positions",
-                        f"use --seq-len {config.n_positions} or less")
-    if cfg.train.backend in ("zero2", "zero3"):
-        from greentext_dist.engines.deepspeed import apply_deepspeed, build_ds_optimizer, load_ds_config, prepare_deepspeed
-
-        ds_config = load_ds_config(cfg, plan["grad_accum"], env.world_size, config.n_embd)
-        prepare_deepspeed(ds_config)
-        gather = None
-        if ds_config["zero_optimization"]["stage"] == 3:
-            import deepspeed
-
-            gather = lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0)  # noqa: E731
-        model = build_model(cfg.model, weights_from=weights, seed=cfg.train.seed, gather=gather)
-        if gather is None:
-            pad_vocab(model, pad_multiple(cfg, env))
-        if cfg.model.compile:
-            apply_compile(model)
-        return apply_deepspeed(model, build_ds_optimizer(model, cfg.optim, ds_config, env.device), env, ds_config), model
-    model = build_model(cfg.model, weights_from=weights, seed=cfg.train.seed).to(env.device)
-    pad_vocab(model, pad_multiple(cfg, env))
-    if cfg.model.compile:
-        apply_compile(model)
-    if cfg.train.backend == "fsdp":
-        from greentext_dist.engines.fsdp import FSDPEngine, apply_fsdp
-
-        t = cfg.train
-        apply_fsdp(model, env, t.precision, t.fsdp_reshard_after_forward, t.fsdp_cpu_offload)
-        optimizer = build_optimizer(model, cfg.optim, env.device)  # after sharding: it must hold the sharded params
-        return FSDPEngine(model, optimizer, env, t.fsdp_reshard_after_forward, t.fsdp_cpu_offload), model
-    return apply_ddp(model, build_optimizer(model, cfg.optim, env.device), env, cfg.train.precision), model
-
-
-def memory_plan(cfg: Config, env: DistEnv, config, checkpointing: bool) -> dict:
+def memory_plan(cfg: Config, env: DistEnv, spec: EngineSpec, config, checkpointing: bool) -> MemoryPlan:
     """The planner's per-GPU peak for this run (same numbers as `python -m greentext_dist.plan`)."""
     t = cfg.train
     s = planner.shape_for(config.n_layer, config.n_embd, config.vocab_size, config.n_positions)
-    key = planner.engine_key(t.backend, t.offload or t.fsdp_cpu_offload)
+    key = spec.plan_key(t.backend, t.offload or t.fsdp_cpu_offload)
     mem = planner.peak_bytes(s, key, env.world_size, t.micro_batch_size, cfg.data.seq_len, checkpointing, t.precision, cfg.model.compile)
     budget = torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None
-    return {**mem, "budget": budget, "key": key, "shape": s}
+    return MemoryPlan(mem["peak"], mem["states"], mem["activations"], budget, key, s)
 
 
-def resolve_checkpointing(cfg: Config, env: DistEnv, config) -> bool:
-    """--gradient-checkpointing on/off as given; by default on only where the planner says it is needed."""
-    if cfg.model.gradient_checkpointing is not None:
-        return cfg.model.gradient_checkpointing
-    mem = memory_plan(cfg, env, config, False)
-    if mem["budget"] and mem["peak"] > 0.9 * mem["budget"]:
-        log.info(f"gradient checkpointing on: without it the planned peak is {mem['peak'] / 2**30:.1f} GiB "
-                 f"of {mem['budget'] / 2**30:.0f} GiB (--no-gradient-checkpointing to override)")
-        return True
-    return False
+def resolve(cfg: Config, env: DistEnv, spec: EngineSpec, config) -> Config:
+    """The settings left to `auto`, decided once: compile, vocabulary padding and gradient checkpointing."""
+    m = cfg.model
+    if m.pad_vocab and m.pad_vocab > 1 and not spec.can_pad_vocab:
+        raise UserError(f"--pad-vocab cannot be used with --backend {cfg.train.backend} (its parameters are partitioned when built, "
+                        "before they could be widened)", "drop --pad-vocab (or pass --pad-vocab 1), or use --backend fsdp / zero2")
+    on_gpu = env.device.type == "cuda"
+    compile_ = m.compile if m.compile is not None else on_gpu and spec.compile_by_default
+    pad = m.pad_vocab if m.pad_vocab is not None else (64 if on_gpu and spec.can_pad_vocab else 1)  # 1.62x on Small (H200)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, compile=compile_, pad_vocab=pad))
+    if m.gradient_checkpointing is None:
+        mem = memory_plan(cfg, env, spec, config, False)
+        gc = bool(mem.budget and mem.peak > 0.9 * mem.budget)
+        if gc:
+            log.info(f"gradient checkpointing on: without it the planned peak is {mem.peak / 2**30:.1f} GiB "
+                     f"of {mem.budget / 2**30:.0f} GiB (--no-gradient-checkpointing to override)")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=gc))
+    return cfg
 
 
-def memory_line(mem: dict) -> str:
+def memory_line(mem: "MemoryPlan") -> str:
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
-    where = f"of {gib(mem['budget'])}" if mem["budget"] else "(planned for a GPU)"
-    return f"~{gib(mem['peak'])} peak {where}: {gib(mem['states'])} params+grads+optimizer, {gib(mem['activations'])} activations"
+    where = f"of {gib(mem.budget)}" if mem.budget else "(planned for a GPU)"
+    return f"~{gib(mem.peak)} peak {where}: {gib(mem.states)} params+grads+optimizer, {gib(mem.activations)} activations"
 
 
-def print_summary(cfg: Config, env: DistEnv, layout: dict, engine, model, corpus: dict, val_corpus: dict | None, plan: dict, resume_from, mem: dict) -> None:
+def print_summary(run: "Run") -> None:
+    cfg, env, layout, engine, corpus, val_corpus, plan, mem = run.cfg, run.env, run.layout, run.engine, run.corpus, run.val_corpus, run.plan, run.mem
+    model, resume_from = engine.module, run.resume_from
     t, d = cfg.train, cfg.data
     src = source_of(cfg.model) or "random init"
     rows = [
@@ -193,38 +194,38 @@ def print_summary(cfg: Config, env: DistEnv, layout: dict, engine, model, corpus
                    + (", torch.compile" if cfg.model.compile else "")),
         ("world", f"{env.world_size} rank(s) on {env.device.type}: {layout['nodes']} node(s) x {'/'.join(map(str, sorted(set(layout['ranks_per_node']))))}"
                   + (f", {layout['gpus'][0]}" if layout["gpus"] else "")),
-        ("batch", f"{t.micro_batch_size} micro x {plan['grad_accum']} accumulation x {env.world_size} ranks = {t.global_batch_size} sequences"),
-        ("tokens/step", f"{plan['tokens_per_step']:,} ({t.global_batch_size} x {d.seq_len})"),
-        ("corpus", f"{corpus['posts']:,} posts, {corpus['tokens']:,} tokens, {corpus['rows']:,} rows of {d.seq_len}"
-                   f" ({d.packing} packing keeps {corpus['rows'] * d.seq_len / max(corpus['tokens'], 1):.1%} of tokens as targets)"),
+        ("batch", f"{t.micro_batch_size} micro x {plan.grad_accum} accumulation x {env.world_size} ranks = {t.global_batch_size} sequences"),
+        ("tokens/step", f"{plan.tokens_per_step:,} ({t.global_batch_size} x {d.seq_len})"),
+        ("corpus", f"{corpus.posts:,} posts, {corpus.tokens:,} tokens, {corpus.rows:,} rows of {d.seq_len}"
+                   f" ({d.packing} packing keeps {corpus.rows * d.seq_len / max(corpus.tokens, 1):.1%} of tokens as targets)"),
         *([("mix", ", ".join([f"{d.dataset} {1 - sum(w for _, w in mix):.0%}"] + [f"{n} {w:.0%}" for n, w in mix]) + " of posts")]
           if (mix := parse_mix(d.mix)) else []),
-        ("validation", f"{val_corpus['posts']:,} posts, {val_corpus['tokens']:,} tokens" if val_corpus else "none"),
-        ("schedule", f"{plan['max_steps']} steps = {plan['epochs']:.2f} epochs ({plan['steps_per_epoch']:.3g} steps/epoch), "
-                     f"lr {cfg.optim.lr:g} warmup {warmup_steps(cfg.optim, plan['max_steps'])} cosine to {cfg.optim.min_lr:g}"),
+        ("validation", f"{val_corpus.posts:,} posts, {val_corpus.tokens:,} tokens" if val_corpus else "none"),
+        ("schedule", f"{plan.max_steps} steps = {plan.epochs:.2f} epochs ({plan.steps_per_epoch:.3g} steps/epoch), "
+                     f"lr {cfg.optim.lr:g} warmup {warmup_steps(cfg.optim, plan.max_steps)} cosine to {cfg.optim.min_lr:g}"),
         ("memory/rank", memory_line(mem)),
         ("output", f"{cfg.checkpoint.output_dir}" + (f" (resuming from {resume_from})" if resume_from else "")),
     ]
     console.print(summary_table("greentext_dist", rows))
-    if t.global_batch_size > corpus["rows"]:
-        log.warning(f"one step ({t.global_batch_size} rows) is larger than the whole corpus ({corpus['rows']} rows): "
-                    f"each step sees every post ~{t.global_batch_size / corpus['rows']:.1f} times. Consider a smaller --global-batch-size.")
+    if t.global_batch_size > corpus.rows:
+        log.warning(f"one step ({t.global_batch_size} rows) is larger than the whole corpus ({corpus.rows} rows): "
+                    f"each step sees every post ~{t.global_batch_size / corpus.rows:.1f} times. Consider a smaller --global-batch-size.")
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus and os.environ.get("SLURM_NTASKS_PER_NODE", "1") == "1" and int(cpus) < max(layout["ranks_per_node"]):
         log.warning(f"--cpus-per-task={cpus} gives fewer CPUs than the {max(layout['ranks_per_node'])} ranks on a node: "
                     "tokenisation and NCCL threads will starve. Ask for at least one CPU per rank (better 4-8).")
-    if mem["budget"] and mem["peak"] > 0.95 * mem["budget"]:
-        s, budget = mem["shape"], 0.9 * mem["budget"]
-        fit = planner.largest_micro(s, mem["key"], env.world_size, budget, d.seq_len, bool(cfg.model.gradient_checkpointing), t.precision,
+    if mem.budget and mem.peak > 0.95 * mem.budget:
+        s, budget = mem.shape, 0.9 * mem.budget
+        fit = planner.largest_micro(s, mem.key, env.world_size, budget, d.seq_len, bool(cfg.model.gradient_checkpointing), t.precision,
                                     cfg.model.compile)
-        log.warning(f"likely out of memory: planned peak {mem['peak'] / 2**30:.1f} GiB on a {mem['budget'] / 2**30:.0f} GiB GPU. "
+        log.warning(f"likely out of memory: planned peak {mem.peak / 2**30:.1f} GiB on a {mem.budget / 2**30:.0f} GiB GPU. "
                     + (f"Try --micro-batch-size {fit}" if fit else "Try --gradient-checkpointing, --backend zero3/fsdp or --offload")
                     + f" (see python -m greentext_dist.plan --model {cfg.model.model} --gpus {env.world_size}).")
-    if t.backend == "zero3" and env.world_size == 1 and not t.offload:
+    if run.spec.slow_alone and env.world_size == 1 and not t.offload:
         log.warning(f"ZeRO-3 on one GPU shards nothing and measured {planner.ZERO3_ONE_GPU_MFU:.1%} MFU (XL, H200): "
                     "--backend ddp, fsdp or zero2 is several times faster; keep zero3 for several GPUs or with --offload.")
-    if plan["epochs"] > 20:
-        log.warning(f"{plan['epochs']:.0f} epochs planned over a small corpus: watch val_loss for overfitting.")
+    if plan.epochs > 20:
+        log.warning(f"{plan.epochs:.0f} epochs planned over a small corpus: watch val_loss for overfitting.")
 
 
 def train_step(engine, batches: list[tuple], grad_clip: float, device, loss_fn=token_loss_sum) -> tuple:
@@ -257,21 +258,19 @@ def evaluate(engine, rows, cfg: Config, env: DistEnv, eos_id: int) -> float | No
 SAMPLE_PROMPTS = ["be me", "tfw", "be me\nwork at a bank"]
 
 
-def write_samples(engine, model, tokenizer, cfg: Config, env: DistEnv, step: int, log_file: MetricsLog) -> None:
+def write_samples(engine, tokenizer, cfg: Config, env: DistEnv, step: int, log_file: MetricsLog) -> None:
     """Greentexts for a fixed prompt set, without disturbing training: the RNG (dropout, data) is restored, and
     sharded engines (ZeRO-3, FSDP) generate on every rank in lockstep (synced_gpus), as each forward gathers."""
     from greentext_dist.generate import generate_batch, as_greentext
 
-    sharded = env.distributed and cfg.train.backend in ("zero3", "fsdp")
+    sharded = env.distributed and engine.sharded
     if not (sharded or env.is_main):
         return
-    module = getattr(engine, "module", model)
     engine.train(False)
     devices = [env.device] if env.device.type == "cuda" else []
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16" and engine.name == "ddp")
-    with torch.random.fork_rng(devices=devices), autocast, torch.compiler.set_stance("force_eager"):
+    with torch.random.fork_rng(devices=devices), engine.generation_autocast(), torch.compiler.set_stance("force_eager"):
         texts = [as_greentext(p) for p in SAMPLE_PROMPTS]
-        outs = generate_batch(module, tokenizer, texts, num_samples=1, max_new_tokens=96, seed=cfg.train.seed, synced_gpus=sharded)
+        outs = generate_batch(engine.module, tokenizer, texts, num_samples=1, max_new_tokens=96, seed=cfg.train.seed, synced_gpus=sharded)
     engine.train(True)
     for prompt, (text,) in zip(SAMPLE_PROMPTS, outs):
         log_file.write(step=step, prompt=prompt, text=text)
@@ -287,144 +286,181 @@ def claim_output_dir(out: Path, cfg: Config) -> None:
     ckpt.remove_partial_saves(out / "checkpoints")
 
 
-def poison(loss_fn):
-    return lambda logits, y: loss_fn(logits, y) * float("nan")
+class Checkpointer:
+    """Owns when checkpoints are written (--save-every, a stop, the end), their rotation, and the final export."""
+
+    def __init__(self, run_out: Path, cfg: Config, engine: Engine, tokenizer, last_saved: int | None):
+        self.root, self.c, self.engine, self.tokenizer = run_out / "checkpoints", cfg.checkpoint, engine, tokenizer
+        self.last_saved = last_saved
+
+    def save(self, step: int, trainer_state: dict) -> Path:
+        path = ckpt.save_checkpoint(self.engine, self.root, step, trainer_state, self.tokenizer, self.c.keep_last, self.c.max_shard_size)
+        self.last_saved = step
+        return path
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return bool(self.c.save_every) and step % self.c.save_every == 0 and step != max_steps
+
+    def ensure(self, step: int, trainer_state) -> Path:
+        """The checkpoint of this step, written now unless it already is. `trainer_state` is called only if needed."""
+        return self.root / f"step-{step}" if self.last_saved == step else self.save(step, trainer_state())
+
+    def last_good(self) -> str:
+        return f"checkpoint step-{self.last_saved}" if self.last_saved else "no checkpoint yet"
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    cfg.train.backend = resolve_backend(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
-    env = init_distributed(single_rank_group=cfg.train.backend in ("zero2", "zero3", "fsdp"))
+def trainer_state(run: Run) -> dict:
+    p, env = run.progress, run.env
+    return {"step": p.step, "tokens": int(p.tokens.item()), "data": p.data.to_dict(), "max_steps": run.plan.max_steps,
+            "bad_steps": p.bad_steps, "world_size": env.world_size, "backend": run.cfg.train.backend, "config": run.cfg.to_dict()}
+
+
+def setup(cfg: Config) -> Run:
+    """Everything before the first step: the engine chosen, the data counted and planned, the resume point found,
+    the model built and its state loaded, and the start summary printed."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backend=resolve_backend(cfg)))
+    spec = ENGINES[cfg.train.backend]
+    env = init_distributed(single_rank_group=spec.needs_process_group)
     setup_logging(env.rank)
     layout = preflight(env)
     out = Path(cfg.checkpoint.output_dir)
-    ckpt_root = out / "checkpoints"
-    t = cfg.train
-    if t.fsdp_cpu_offload and env.device.type != "cuda":
-        raise UserError("--fsdp-cpu-offload moves sharded state from the GPU to the CPU, but this run has no GPU",
-                        "drop --fsdp-cpu-offload on a CPU-only machine (or run where torch.cuda.is_available())")
     on_main(claim_output_dir, out, cfg)
 
     # Data: the global packed stream, its size, and the plan that follows from it.
     tokenizer = load_tokenizer(cfg.model.tokenizer)
-    train_stream, val_stream = build_streams(cfg, tokenizer)
+    train_stream, val_stream_ = build_streams(cfg, tokenizer)
     corpus, val_corpus, val = on_main(lambda: (
-        count_corpus(train_stream, cfg.data.dataset),
-        count_corpus(val_stream, cfg.data.val_dataset or cfg.data.dataset) if val_stream else None,
-        val_rows(val_stream) if val_stream else [],
+        Corpus(**count_corpus(train_stream, cfg.data.dataset)),
+        Corpus(**count_corpus(val_stream_, cfg.data.val_dataset or cfg.data.dataset)) if val_stream_ else None,
+        val_rows(val_stream_) if val_stream_ else [],
     ))
     plan = plan_run(cfg, env, corpus)
-    max_steps = plan["max_steps"]
 
-    # Resume point (rank 0 verifies checksums once), model and engine.
-    resume_from = on_main(ckpt.resolve_resume, cfg.checkpoint.resume, ckpt_root)
+    # Resume point (rank 0 verifies checksums once), then the model's shape and the settings left to auto.
+    resume_from = on_main(ckpt.resolve_resume, cfg.checkpoint.resume, out / "checkpoints")
     state = ckpt.read_trainer_state(resume_from) if resume_from else None
-    if state and state["world_size"] != env.world_size and state["backend"] in ("zero2", "zero3"):
+    if state and state["world_size"] != env.world_size and ENGINES[state["backend"]].same_world_to_resume:
         raise UserError(
             f"checkpoint {resume_from} was written by {state['world_size']} ranks with {state['backend']}, this run has {env.world_size}",
             f"relaunch with {state['world_size']} ranks, or start a new run from its weights: --model-path {resume_from} --resume never",
         )
-    if cfg.model.compile is None:
-        cfg.model.compile = env.device.type == "cuda" and t.backend in ("ddp", "fsdp")
-    model_shape = model_config(cfg.model, str(resume_from) if resume_from else None)
-    cfg.model.gradient_checkpointing = resolve_checkpointing(cfg, env, model_shape)
-    mem = memory_plan(cfg, env, model_shape, cfg.model.gradient_checkpointing)
-    torch.manual_seed(t.seed)
-    engine, model = build_engine(cfg, env, plan, resume_from, model_shape)
+    weights = str(resume_from) if resume_from else None
+    shape = model_config(cfg.model, weights)
+    if resume_from:
+        check_matches_preset(shape, cfg.model, f"checkpoint {resume_from}")
+    if cfg.data.seq_len > shape.n_positions:
+        raise UserError(f"--seq-len {cfg.data.seq_len} is longer than the model's {shape.n_positions} positions",
+                        f"use --seq-len {shape.n_positions} or less")
+    cfg = resolve(cfg, env, spec, shape)
+    mem = memory_plan(cfg, env, spec, shape, cfg.model.gradient_checkpointing)
+
+    torch.manual_seed(cfg.train.seed)
+    engine = spec.build(cfg, env, plan.grad_accum, weights, shape)
     if resume_from:
         engine.load_state(resume_from / ckpt.TRAIN_STATE)
     if not (resume_from and ckpt.load_rng_state(resume_from, env.rank)):
-        torch.manual_seed(t.seed + env.rank + (state["step"] if state else 0))  # dropout differs per rank
+        torch.manual_seed(cfg.train.seed + env.rank + (state["step"] if state else 0))  # dropout differs per rank
+    progress = Progress(
+        step=state["step"] if state else 0,
+        tokens=torch.tensor(float(state["tokens"]) if state else 0.0, device=env.device),
+        data=DataState(**state["data"]) if state else DataState(),
+        bad_steps=state.get("bad_steps", 0) if state else 0,
+    )
+    resume_step = progress.step if state else None
+    run = Run(cfg, env, spec, layout, tokenizer, train_stream, val, corpus, val_corpus, plan, mem, engine, resume_from, state,
+              Checkpointer(out, cfg, engine, tokenizer, resume_step), progress, out,
+              MetricsLog(out / "metrics.jsonl", resume_step, env.is_main), MetricsLog(out / "samples.jsonl", resume_step, env.is_main))
     if env.is_main:
-        print_summary(cfg, env, layout, engine, model, corpus, val_corpus, plan, resume_from, mem)
-    if state and state["max_steps"] != max_steps:
-        log.warning(f"the checkpoint was planned for {state['max_steps']} steps, this run for {max_steps}: the lr schedule changes")
+        print_summary(run)
+    if state and state["max_steps"] != plan.max_steps:
+        log.warning(f"the checkpoint was planned for {state['max_steps']} steps, this run for {plan.max_steps}: the lr schedule changes")
+    return run
 
-    step = state["step"] if state else 0
-    data_state = DataState(**state["data"]) if state else DataState()
-    tokens = torch.tensor(float(state["tokens"]) if state else 0.0, device=env.device)
-    loader = TrainLoader(train_stream, data_state, t.micro_batch_size, env.rank, env.world_size, env.device,
+
+def fit(run: Run) -> bool:
+    """The loop. Returns False when it stopped early (signal or --halt-at-step) with a checkpoint to resume from."""
+    cfg, env, engine, p, t = run.cfg, run.env, run.engine, run.progress, run.cfg.train
+    max_steps, checkpoints = run.plan.max_steps, run.checkpointer
+    loader = TrainLoader(run.train_stream, p.data, t.micro_batch_size, env.rank, env.world_size, env.device,
                          prefetch=cfg.data.prefetch, isolated=cfg.data.packing == "isolated")
     loss_fn = torch.compile(token_loss_sum) if cfg.model.compile else token_loss_sum  # fuses the fp32 upcast into the loss
-    flops = perf.model_flops_per_token(model, cfg.data.seq_len, recompute=bool(cfg.model.gradient_checkpointing))
+    flops = perf.model_flops_per_token(engine.module, cfg.data.seq_len, recompute=bool(cfg.model.gradient_checkpointing))
     peak = perf.peak_tflops(env.device, t.peak_tflops)
-    metrics = MetricsLog(out / "metrics.jsonl", step if state else None, env.is_main)
-    samples = MetricsLog(out / "samples.jsonl", step if state else None, env.is_main)
-    last_saved = step if state else None
-    bad_steps = state.get("bad_steps", 0) if state else 0
-    nan_steps = {int(s) for s in os.environ.get("GREENTEXT_TEST_NAN_STEPS", "").split(",") if s}
-
-    def save() -> Path:
-        trainer_state = {"step": step, "tokens": int(tokens.item()), "data": data_state.to_dict(), "max_steps": max_steps, "bad_steps": bad_steps,
-                         "world_size": env.world_size, "backend": cfg.train.backend, "config": cfg.to_dict()}
-        return ckpt.save_checkpoint(engine, ckpt_root, step, trainer_state, tokenizer, cfg.checkpoint.keep_last, cfg.checkpoint.max_shard_size)
+    metrics, samples = run.metrics, run.samples
 
     engine.train(True)
-    t_log, tokens_at_log = time.perf_counter(), tokens.item()
-    with TrainProgress(max_steps, step, env.is_main) as bar, GracefulStop() as stop:
-        while step < max_steps:
-            engine.set_lr(lr := lr_at(step, cfg.optim, max_steps))
-            batches = [loader.next_batch() for _ in range(plan["grad_accum"])]
-            data_state = batches[-1][3]
-            poisoned = step + 1 in nan_steps  # fault injection for the tests
-            global_loss, grad_norm, n_targets, applied = train_step(
-                engine, [b[:3] for b in batches], cfg.optim.grad_clip, env.device, poison(loss_fn) if poisoned else loss_fn)
-            tokens += n_targets
-            step += 1
+    t_log, tokens_at_log = time.perf_counter(), p.tokens.item()
+    with TrainProgress(max_steps, p.step, env.is_main) as bar, GracefulStop() as stop:
+        while p.step < max_steps:
+            engine.set_lr(lr := lr_at(p.step, cfg.optim, max_steps))
+            batches = [loader.next_batch() for _ in range(run.plan.grad_accum)]
+            p.data = batches[-1][3]
+            global_loss, grad_norm, n_targets, applied = train_step(engine, [b[:3] for b in batches], cfg.optim.grad_clip, env.device, loss_fn)
+            p.tokens += n_targets
+            p.step += 1
             if not applied:
-                bad_steps += 1
-                what = f"step {step}: loss {global_loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
-                metrics.write(step=step, skipped=True, loss=global_loss.item(), grad_norm=grad_norm.item())
-                if not engine.can_skip or bad_steps > t.max_bad_steps:
-                    good = f"checkpoint step-{last_saved}" if last_saved else "no checkpoint yet"
+                p.bad_steps += 1
+                what = f"step {p.step}: loss {global_loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
+                metrics.write(step=p.step, skipped=True, loss=global_loss.item(), grad_norm=grad_norm.item())
+                if not engine.can_skip or p.bad_steps > t.max_bad_steps:
                     raise UserError(
-                        f"{what} is not finite; stopped before updating the weights (last good: {good} in {ckpt_root})",
+                        f"{what} is not finite; stopped before updating the weights (last good: {checkpoints.last_good()} in {checkpoints.root})",
                         "rerun the same command to resume from it, with a lower --lr or --grad-clip"
                         + (", or let up to N such steps be skipped with --max-bad-steps N" if engine.can_skip else "")
                         + (" (DeepSpeed cannot skip a step)" if not engine.can_skip else ""),
                     )
-                bar.note(f"{what} is not finite: update skipped ({bad_steps} of --max-bad-steps {t.max_bad_steps})")
-            elif step % t.log_every == 0 or step == max_steps:
+                bar.note(f"{what} is not finite: update skipped ({p.bad_steps} of --max-bad-steps {t.max_bad_steps})")
+            elif p.step % t.log_every == 0 or p.step == max_steps:
                 loss_val = global_loss.item()  # metrics are read only on log steps
-                now, tok = time.perf_counter(), tokens.item()
+                now, tok = time.perf_counter(), p.tokens.item()
                 tps = (tok - tokens_at_log) / (now - t_log)
-                rec = dict(step=step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), tokens=int(tok), tokens_per_s=tps,
+                rec = dict(step=p.step, loss=loss_val, lr=lr, grad_norm=grad_norm.item(), tokens=int(tok), tokens_per_s=tps,
                            **perf.utilisation(tps, flops, peak, env.world_size), peak_mem_gb=perf.peak_memory_gib(env.device))
                 t_log, tokens_at_log = now, tok
                 metrics.write(**rec)
-                bar.update(step, f"loss {loss_val:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
+                bar.update(p.step, f"loss {loss_val:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
                            + (f"  MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else "") + f"  mem {rec['peak_mem_gb']:.1f} GiB")
             else:
-                bar.update(step)
-            if val and t.eval_every and step % t.eval_every == 0 and step != max_steps:
-                val_loss = evaluate(engine, val, cfg, env, tokenizer.eos_token_id)
-                metrics.write(step=step, val_loss=val_loss)
-                bar.note(f"step {step}: val_loss {val_loss:.4f}")
-            if t.sample_every and step % t.sample_every == 0:
-                write_samples(engine, model, tokenizer, cfg, env, step, samples)
-                bar.note(f"step {step}: samples in {out / 'samples.jsonl'}")
-            if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step != max_steps:
-                save()
-                last_saved = step
-            halt = bool(t.halt_at_step) and step == t.halt_at_step and step != max_steps
-            if (stop.requested() or halt) and step != max_steps:
-                if last_saved != step:
-                    save()
-                why = f"halted after step {step}" if halt else f"stopped by {stop.name} after step {step}"
-                bar.note(f"{why} with a checkpoint in {ckpt_root / f'step-{step}'}; run the same command again to continue")
-                return 0
+                bar.update(p.step)
+            if run.val and t.eval_every and p.step % t.eval_every == 0 and p.step != max_steps:
+                val_loss = evaluate(engine, run.val, cfg, env, run.tokenizer.eos_token_id)
+                metrics.write(step=p.step, val_loss=val_loss)
+                bar.note(f"step {p.step}: val_loss {val_loss:.4f}")
+            if t.sample_every and p.step % t.sample_every == 0:
+                write_samples(engine, run.tokenizer, cfg, env, p.step, samples)
+                bar.note(f"step {p.step}: samples in {run.out / 'samples.jsonl'}")
+            if checkpoints.due(p.step, max_steps):
+                checkpoints.save(p.step, trainer_state(run))
+            halt = bool(t.halt_at_step) and p.step == t.halt_at_step and p.step != max_steps
+            if (stop.requested() or halt) and p.step != max_steps:
+                checkpoints.ensure(p.step, lambda: trainer_state(run))
+                why = f"halted after step {p.step}" if halt else f"stopped by {stop.name} after step {p.step}"
+                bar.note(f"{why} with a checkpoint in {checkpoints.root / f'step-{p.step}'}; run the same command again to continue")
+                return False
+    return True
 
-    if val:
-        val_loss = evaluate(engine, val, cfg, env, tokenizer.eos_token_id)
-        metrics.write(step=step, val_loss=val_loss)
+
+def finish(run: Run) -> None:
+    """Final validation, the last checkpoint, OUT/final (stock HF GPT-2) and OUT/report.md."""
+    cfg, env, step = run.cfg, run.env, run.progress.step
+    if run.val:
+        val_loss = evaluate(run.engine, run.val, cfg, env, run.tokenizer.eos_token_id)
+        run.metrics.write(step=step, val_loss=val_loss)
         if env.is_main:
             console.print(f"final val_loss {val_loss:.4f}")
-    final = save() if last_saved != step else ckpt_root / f"step-{step}"
+    final = run.checkpointer.ensure(step, lambda: trainer_state(run))
     if env.is_main:
-        ckpt.publish_final(final, out / "final")
-        report = write_report(out, [("model", f"GPT-2 {cfg.model.model} ({init_kind(cfg.model)})"), ("engine", f"{engine.name} x {env.world_size} ranks"),
-                                    ("batch", f"{t.global_batch_size} x {cfg.data.seq_len} tokens"), ("steps", str(step))])
-        console.print(f"[green]done:[/] {step} steps; model in {out / 'final'}; report in {report}")
+        ckpt.publish_final(final, run.out / "final")
+        t = cfg.train
+        report = write_report(run.out, [("model", f"GPT-2 {cfg.model.model} ({init_kind(cfg.model)})"), ("engine", f"{run.engine.name} x {env.world_size} ranks"),
+                                        ("batch", f"{t.global_batch_size} x {cfg.data.seq_len} tokens"), ("steps", str(step))])
+        console.print(f"[green]done:[/] {step} steps; model in {run.out / 'final'}; report in {report}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    run = setup(parse_args(argv))
+    if fit(run):
+        finish(run)
     return 0
 
 

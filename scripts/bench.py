@@ -31,7 +31,9 @@ from greentext_dist.data import doc_positions, isolated_inputs
 from greentext_dist.loss import token_loss_sum
 from greentext_dist.model import apply_compile, build_model
 from greentext_dist.perf import model_flops_per_token, peak_memory_gib, peak_tflops
-from greentext_dist.train import build_engine, train_step
+from greentext_dist.engines import ENGINES
+from greentext_dist.model import preset_config
+from greentext_dist.train import resolve, train_step
 from greentext_dist.ui import setup_logging
 
 
@@ -159,7 +161,7 @@ def main() -> None:
     cfg.model.gradient_checkpointing, cfg.model.compile = a.gradient_checkpointing, a.compile and not custom_compile
     cfg.data.seq_len = a.seq_len
     cfg.train.backend, cfg.train.precision, cfg.train.micro_batch_size = a.backend, a.precision, a.micro_batch_size
-    env = init_distributed(single_rank_group=a.backend != "ddp")
+    env = init_distributed(single_rank_group=ENGINES[a.backend].needs_process_group)
     cfg.train.global_batch_size = a.micro_batch_size * a.grad_accum * env.world_size
     setup_logging(env.rank)
     torch.manual_seed(0)
@@ -177,7 +179,10 @@ def main() -> None:
         batches.append((x.to(env.device), torch.randint(0, 50257, x.shape, generator=gen).to(env.device), pos))
     tokens_per_step = a.micro_batch_size * a.seq_len * a.grad_accum * env.world_size
 
-    engine, model = build_engine(cfg, env, {"grad_accum": a.grad_accum}, None)
+    spec, shape = ENGINES[a.backend], preset_config(a.model, a.dropout)
+    cfg = resolve(cfg, env, spec, shape)
+    engine = spec.build(cfg, env, a.grad_accum, None, shape)
+    model = engine.module
     if custom_compile and env.world_size == 1:
         if a.compile_scope == "model":
             engine.model = torch.compile(engine.model, mode=a.compile_mode)
@@ -235,7 +240,7 @@ def main() -> None:
         "mfu": tps * mf / (peak * 1e12 * env.world_size) if peak else None,
         "hfu": tps * hf / (peak * 1e12 * env.world_size) if peak else None,
         "peak_mem_gib": peak_mem,
-        "planned_peak_gib": planner.peak_bytes(planner.shape(a.model), planner.engine_key(a.backend, False), env.world_size,
+        "planned_peak_gib": planner.peak_bytes(planner.shape(a.model), ENGINES[a.backend].plan_key(a.backend, False), env.world_size,
                                                a.micro_batch_size, a.seq_len, a.gradient_checkpointing, a.precision, a.compile)["peak"] / 2**30,
         "compile": a.compile, "packing": a.packing, "dropout": a.dropout, "vocab_rows": model.config.vocab_size,
         "compile_scope": a.compile_scope if a.compile else None, "compile_mode": a.compile_mode, "sdpa": a.sdpa,

@@ -8,6 +8,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from conftest import ROOT, launch, run_inprocess, tiny_args, train_losses, val_losses
+from faults import launch_env
 from greentext_dist import checkpoint as ckpt
 
 RUN = ["--global-batch-size", "4", "--micro-batch-size", "2", "--max-steps", "6", "--eval-every", "3", "--lr", "1e-3"]
@@ -105,8 +106,7 @@ def test_crash_mid_save_keeps_previous(corpus, tmp_path):
     """A save killed half-way leaves only a hidden temp folder; the run resumes from the last good step."""
     out = tmp_path / "run"
     assert run_inprocess(tiny_args(corpus, out, *RUN, "--halt-at-step", "2")) == 0
-    env = {"GREENTEXT_TEST_CRASH_IN_SAVE": "1"}
-    p = launch(tiny_args(corpus, out, *RUN, "--save-every", "4"), launcher="python", env=env)
+    p = launch(tiny_args(corpus, out, *RUN, "--save-every", "4"), launcher="python", env=launch_env(crash_in_save=True))
     assert p.returncode != 0
     root = out / "checkpoints"
     assert [q.name for _, q in ckpt.step_dirs(root)] == ["step-2"] and (root / ".tmp-step-4").is_dir()

@@ -23,7 +23,7 @@ def _bad_cases(tmp_path, corpus):
         "empty data file": (["--dataset", str(empty)], "is empty"),
         "missing text field": (["--dataset", str(fields)], "fields: body, score"),
         "indivisible batch": (["--global-batch-size", "10", "--micro-batch-size", "4"], "not divisible by micro-batch 4 x 1 ranks"),
-        "seq-len beyond positions": (["--seq-len", "2048"], "longer than GPT-2's 1024 positions"),
+        "seq-len beyond positions": (["--seq-len", "2048"], "longer than the model's 1024 positions"),
         "zero lr": (["--lr", "0"], "--lr must be positive"),
         "negative steps": (["--max-steps", "-3"], "--max-steps must be positive"),
         "tiny pretrained": (["--init", "pretrained"], "--model tiny has no pretrained weights"),

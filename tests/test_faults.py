@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, launch, run_inprocess, tiny_args, train_losses
 from greentext_dist import checkpoint as ckpt
 from greentext_dist.metrics import read_metrics
+from faults import install, launch_env
 from test_signals import start, wait_for_steps
 
 RUN = ["--global-batch-size", "4", "--micro-batch-size", "2", "--eval-every", "0"]
@@ -46,7 +47,7 @@ def test_second_ctrl_c_exits_at_once_and_checkpoints_stay_intact(corpus, tmp_pat
 
 def test_non_finite_steps_are_skipped_without_touching_weights(corpus, tmp_path, monkeypatch):
     out = tmp_path / "skip"
-    monkeypatch.setenv("GREENTEXT_TEST_NAN_STEPS", "3,5")
+    install(monkeypatch, nan_steps=[3, 5])
     args = tiny_args(corpus, out, *RUN, "--max-steps", "6", "--save-every", "1", "--keep-last", "10", "--max-bad-steps", "2")
     assert run_inprocess(args) == 0
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
@@ -59,20 +60,20 @@ def test_non_finite_steps_are_skipped_without_touching_weights(corpus, tmp_path,
 
 def test_non_finite_step_stops_by_default_naming_the_step(corpus, tmp_path, monkeypatch, capfd):
     out = tmp_path / "stop"
-    monkeypatch.setenv("GREENTEXT_TEST_NAN_STEPS", "3")
+    install(monkeypatch, nan_steps=[3])
     assert run_inprocess(tiny_args(corpus, out, *RUN, "--max-steps", "6", "--save-every", "2")) == 2
     err = capfd.readouterr().err
     line = [l for l in err.splitlines() if l.startswith("error:")][0]
     assert "step 3: loss nan" in line and "last good: checkpoint step-2" in line and "--max-bad-steps" in line
     assert [n for n, _ in ckpt.step_dirs(out / "checkpoints")] == [2] and intact(out)
-    monkeypatch.delenv("GREENTEXT_TEST_NAN_STEPS")
+    monkeypatch.undo()
     assert run_inprocess(tiny_args(corpus, out, *RUN, "--max-steps", "6", "--save-every", "2")) == 0  # resume goes on
 
 
 def test_deepspeed_non_finite_step_stops_before_the_update(corpus, tmp_path):
     out = tmp_path / "ds"
     p = launch(tiny_args(corpus, out, *RUN, "--backend", "zero2", "--max-steps", "4", "--save-every", "1"), nproc=2,
-               env={"GREENTEXT_TEST_NAN_STEPS": "2"})
+               env=launch_env(nan_steps=[2]))
     assert p.returncode != 0 and "step 2: loss nan" in p.stderr and "DeepSpeed cannot skip" in p.stderr
     assert [n for n, _ in ckpt.step_dirs(out / "checkpoints")] == [1] and intact(out)
 
@@ -119,13 +120,13 @@ def test_resume_never_needs_overwrite(corpus, tmp_path, capfd):
 def test_disk_full_during_save_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch, capfd):
     out = tmp_path / "full"
     assert run_inprocess(tiny_args(corpus, out, *RUN, "--max-steps", "2")) == 0
-    monkeypatch.setenv("GREENTEXT_TEST_DISK_FULL", "1")
+    install(monkeypatch, disk_full=True)
     assert run_inprocess(tiny_args(corpus, out, *RUN, "--max-steps", "4")) == 2
     line = [l for l in capfd.readouterr().err.splitlines() if l.startswith("error:")][0]
     assert "No space left on device" in line and "step-2 is intact" in line and "Fix: free disk space" in line
     assert [n for n, _ in ckpt.step_dirs(out / "checkpoints")] == [2] and intact(out)
     assert not list((out / "checkpoints").glob(".tmp-*"))
-    monkeypatch.delenv("GREENTEXT_TEST_DISK_FULL")
+    monkeypatch.undo()
     assert run_inprocess(tiny_args(corpus, out, *RUN, "--max-steps", "4")) == 0
 
 
@@ -149,5 +150,14 @@ def test_our_state_files_load_with_weights_only(corpus, tmp_path, weights_only):
     assert not list((out / "final").glob("*.bin")) and list((out / "final").glob("*.safetensors"))
 
 
-def test_env_vars_are_cleared():
-    assert "GREENTEXT_TEST_NAN_STEPS" not in os.environ and "GREENTEXT_TEST_DISK_FULL" not in os.environ
+def test_faults_are_undone_after_each_test():
+    from greentext_dist import checkpoint, loss, optim, train
+
+    assert train.token_loss_sum is loss.token_loss_sum and train.lr_at is optim.lr_at
+    assert checkpoint.rng_state.__module__ == "greentext_dist.checkpoint"
+    assert not any(k.startswith("GREENTEXT_TEST") or k == "GREENTEXT_FAULTS" for k in os.environ)
+
+
+def test_no_test_switch_is_read_by_the_package():
+    text = "".join(p.read_text() for p in (ROOT / "greentext_dist").rglob("*.py"))
+    assert "GREENTEXT_TEST" not in text and "GREENTEXT_FAULTS" not in text

@@ -42,9 +42,8 @@ def test_bench_script_runs_on_cpu():
 
 def test_zero3_is_steered_away_from_one_gpu(monkeypatch):
     from greentext_dist.config import Config
-    from greentext_dist.dist import DistEnv
     from greentext_dist.plan import plan_engine
-    from greentext_dist.train import resolve_backend
+    from greentext_dist.engines import resolve_backend
 
     one, eight = plan_engine("xl", "zero3", 1, 80), plan_engine("xl", "zero3", 8, 80)
     assert one["slow_on_one_gpu"] and not eight["slow_on_one_gpu"]
@@ -52,8 +51,7 @@ def test_zero3_is_steered_away_from_one_gpu(monkeypatch):
     cfg = Config()
     monkeypatch.setenv("CROSS_SIZE", "1")
     monkeypatch.setenv("LOCAL_SIZE", "1")
-    env = DistEnv(0, 1, 0, torch.device("cpu"))
     for model, world, want in (("xl", "1", "zero2"), ("xl", "8", "zero3"), ("large", "2", "zero3"), ("small", "8", "zero2")):
         cfg.model.model = model
         monkeypatch.setenv("WORLD_SIZE", world)
-        assert resolve_backend(cfg, env) == want, (model, world)
+        assert resolve_backend(cfg) == want, (model, world)

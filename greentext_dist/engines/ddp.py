@@ -9,32 +9,33 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from greentext_dist.data import isolated_inputs
 from greentext_dist.dist import DistEnv
-from greentext_dist.model import save_hf, true_vocab
+from greentext_dist.engines.base import EngineSpec, autocast
+from greentext_dist.model import apply_compile, build_model, lm_logits, pad_vocab, save_hf, true_vocab
+from greentext_dist.optim import build_optimizer
 
 
-class DDPEngine:
-    name = "ddp"
+class LocalEngine:
+    """Forward, backward, clip-and-step and lr on a model whose optimizer is a plain torch one (DDP and FSDP)."""
+
     can_skip = True  # a non-finite step can be skipped without touching the weights
+    sharded = False
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, precision: str):
-        self.env, self.module, self.optimizer = env, model, optimizer
-        self.model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None) if env.distributed else model
-        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-        self.vocab = true_vocab(model)
+    def __init__(self, module: torch.nn.Module, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv,
+                 precision: str | None):
+        self.env, self.module, self.model, self.optimizer = env, module, wrapped, optimizer
+        self.precision = precision  # bf16 autocast around forward, or None when parameters are cast already
+        self.vocab = true_vocab(module)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        with torch.autocast(self.env.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = self.model(input_ids=x, use_cache=False, **isolated_inputs(position_ids)).logits
-        return logits[..., :self.vocab]  # a padded vocabulary's extra logits never reach the loss
+        with autocast(self.env.device, self.precision or "fp32"):
+            return lm_logits(self.model, x, position_ids, self.vocab)
 
-    def accumulating(self, last: bool):
-        # Gradients are all-reduced once per optimizer step, on its last micro-batch.
-        return self.model.no_sync() if self.env.distributed and not last else contextlib.nullcontext()
+    def generation_autocast(self):
+        return autocast(self.env.device, self.precision or "fp32")
 
     def backward(self, loss: torch.Tensor) -> None:
-        # DDP averages gradients over ranks; the loss is already normalised by the global token count.
+        # Gradients are averaged over ranks; the loss is already normalised by the global token count.
         (loss * self.env.world_size).backward()
 
     def step(self, grad_clip: float, finite_loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -56,6 +57,18 @@ class DDPEngine:
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 
+
+class DDPEngine(LocalEngine):
+    name = "ddp"
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, precision: str):
+        wrapped = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None) if env.distributed else model
+        super().__init__(model, wrapped, optimizer, env, precision if precision == "bf16" else None)
+
+    def accumulating(self, last: bool):
+        # Gradients are all-reduced once per optimizer step, on its last micro-batch.
+        return self.model.no_sync() if self.env.distributed and not last else contextlib.nullcontext()
+
     def save_state(self, folder: Path) -> None:
         # Weights live in the checkpoint's fp32 safetensors; only the optimizer needs saving here.
         if self.env.is_main:
@@ -72,3 +85,15 @@ class DDPEngine:
 
 def apply_ddp(model, optimizer, env: DistEnv, precision: str) -> DDPEngine:
     return DDPEngine(model, optimizer, env, precision)
+
+
+def build(cfg, env: DistEnv, grad_accum: int, weights: str | None, config) -> DDPEngine:
+    model = build_model(cfg.model, weights_from=weights, seed=cfg.train.seed).to(env.device)
+    pad_vocab(model, cfg.model.pad_vocab or 1)
+    if cfg.model.compile:
+        apply_compile(model)
+    return apply_ddp(model, build_optimizer(model, cfg.optim, env.device), env, cfg.train.precision)
+
+
+SPEC = EngineSpec(build, needs_process_group=False, compile_by_default=True, can_pad_vocab=True, same_world_to_resume=False,
+                  help="one process, or DistributedDataParallel under a launcher")

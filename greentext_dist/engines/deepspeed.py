@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 
 from greentext_dist.config import Config
-from greentext_dist.data import isolated_inputs
 from greentext_dist.dist import DistEnv
 from greentext_dist.errors import UserError
-from greentext_dist.model import save_hf, true_vocab
+from greentext_dist.engines.base import EngineSpec
+from greentext_dist.model import apply_compile, build_model, lm_logits, pad_vocab, save_hf, true_vocab
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 _hf_ds_config = None  # transformers reads the live HfDeepSpeedConfig through a weak reference: keep it alive
@@ -90,6 +91,7 @@ class DeepSpeedEngine:
 
         self.env, self.ds_config = env, ds_config
         self.stage = ds_config["zero_optimization"]["stage"]
+        self.sharded = self.stage == 3
         self.name = f"deepspeed zero{self.stage}" + (" + offload" if "offload_optimizer" in ds_config["zero_optimization"] else "")
         self.grad_accum = ds_config["gradient_accumulation_steps"]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -97,20 +99,21 @@ class DeepSpeedEngine:
         self.vocab = true_vocab(model)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.engine(input_ids=x, use_cache=False, **isolated_inputs(position_ids)).logits[..., :self.vocab]
+        return lm_logits(self.engine, x, position_ids, self.vocab)
 
+    def generation_autocast(self):
+        return contextlib.nullcontext()  # the module's weights are bf16 already under bf16
+
+    @contextlib.contextmanager
     def accumulating(self, last: bool):
-        import contextlib
-
-        self._last = last
-        return contextlib.nullcontext()  # DeepSpeed counts micro-steps and syncs at the boundary itself
+        yield
+        if not last:
+            self.engine.step()  # a micro-step: DeepSpeed only counts it, and syncs at the boundary itself
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed divides the loss by the accumulation steps and averages gradients over ranks;
         # our loss is already divided by the step's global token count, so undo both.
         self.engine.backward(loss * (self.grad_accum * self.env.world_size))
-        if not self._last:
-            self.engine.step()  # a micro-step: DeepSpeed only counts it
 
     def step(self, grad_clip: float, finite_loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The boundary step (DeepSpeed clips and updates), taken only for a finite loss. DeepSpeed has no public
@@ -169,3 +172,26 @@ class DeepSpeedEngine:
 
 def apply_deepspeed(model, optimizer, env: DistEnv, ds_config: dict) -> DeepSpeedEngine:
     return DeepSpeedEngine(model, optimizer, env, ds_config)
+
+
+def build(cfg, env: DistEnv, grad_accum: int, weights: str | None, config) -> DeepSpeedEngine:
+    """ZeRO-3 builds (or loads) the model already partitioned, with random init drawn one gathered module at a time."""
+    ds_config = load_ds_config(cfg, grad_accum, env.world_size, config.n_embd)
+    prepare_deepspeed(ds_config)
+    gather = None
+    if ds_config["zero_optimization"]["stage"] == 3:
+        import deepspeed
+
+        gather = lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0)  # noqa: E731
+    model = build_model(cfg.model, weights_from=weights, seed=cfg.train.seed, gather=gather)
+    if gather is None:
+        pad_vocab(model, cfg.model.pad_vocab or 1)
+    if cfg.model.compile:
+        apply_compile(model)
+    return apply_deepspeed(model, build_ds_optimizer(model, cfg.optim, ds_config, env.device), env, ds_config)
+
+
+ZERO2 = EngineSpec(build, needs_process_group=True, compile_by_default=False, can_pad_vocab=True, same_world_to_resume=True,
+                   help="DeepSpeed ZeRO-2 (ds_configs/zero2.json)")
+ZERO3 = EngineSpec(build, needs_process_group=True, compile_by_default=False, can_pad_vocab=False, same_world_to_resume=True,
+                   slow_alone=True, help="DeepSpeed ZeRO-3 (ds_configs/zero3.json), built partitioned")

@@ -12,8 +12,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from greentext_dist.dist import DistEnv
-from greentext_dist.engines.ddp import DDPEngine
-from greentext_dist.model import save_hf, true_vocab
+from greentext_dist.engines.base import EngineSpec
+from greentext_dist.engines.ddp import LocalEngine
+from greentext_dist.errors import UserError
+from greentext_dist.model import apply_compile, build_model, pad_vocab, save_hf
+from greentext_dist.optim import build_optimizer
 
 
 def apply_fsdp(model, env: DistEnv, precision: str, reshard_after_forward: bool, cpu_offload: bool):
@@ -27,13 +30,13 @@ def apply_fsdp(model, env: DistEnv, precision: str, reshard_after_forward: bool,
     return model
 
 
-class FSDPEngine(DDPEngine):
-    """Forward, backward, clip-and-step and lr as DDPEngine; sharding, sync and state are FSDP's own."""
+class FSDPEngine(LocalEngine):
+    """Forward, backward, clip-and-step and lr as every local engine; sharding, sync and state are FSDP's own."""
+
+    sharded = True
 
     def __init__(self, model, optimizer, env: DistEnv, reshard_after_forward: bool, cpu_offload: bool):
-        self.env, self.model, self.module, self.optimizer = env, model, model, optimizer
-        self.autocast_dtype = None  # the MixedPrecisionPolicy casts parameters; no autocast on top
-        self.vocab = true_vocab(model)
+        super().__init__(model, model, optimizer, env, None)  # the MixedPrecisionPolicy casts parameters: no autocast
         self.name = f"fsdp2 ({'reshard' if reshard_after_forward else 'keep'} after forward{', cpu offload' if cpu_offload else ''})"
 
     def accumulating(self, last: bool):
@@ -59,3 +62,21 @@ class FSDPEngine(DDPEngine):
             if self.module.config.tie_word_embeddings:
                 sd.pop("lm_head.weight", None)
             save_hf(self.module, folder, max_shard_size, state_dict=sd)
+
+
+def build(cfg, env: DistEnv, grad_accum: int, weights: str | None, config) -> FSDPEngine:
+    t = cfg.train
+    if t.fsdp_cpu_offload and env.device.type != "cuda":
+        raise UserError("--fsdp-cpu-offload moves sharded state from the GPU to the CPU, but this run has no GPU",
+                        "drop --fsdp-cpu-offload on a CPU-only machine (or run where torch.cuda.is_available())")
+    model = build_model(cfg.model, weights_from=weights, seed=t.seed).to(env.device)
+    pad_vocab(model, cfg.model.pad_vocab or 1)
+    if cfg.model.compile:
+        apply_compile(model)
+    apply_fsdp(model, env, t.precision, t.fsdp_reshard_after_forward, t.fsdp_cpu_offload)
+    optimizer = build_optimizer(model, cfg.optim, env.device)  # after sharding: it must hold the sharded params
+    return FSDPEngine(model, optimizer, env, t.fsdp_reshard_after_forward, t.fsdp_cpu_offload)
+
+
+SPEC = EngineSpec(build, needs_process_group=True, compile_by_default=True, can_pad_vocab=True, same_world_to_resume=False,
+                  help="PyTorch FSDP2: fully_shard per block; resumes on any world size")

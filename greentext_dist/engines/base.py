@@ -1,0 +1,59 @@
+"""What an engine is, and what the registry knows about each one (see engines/__init__.py for the protocol)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from greentext_dist.config import Config
+    from greentext_dist.dist import DistEnv
+
+
+class Engine(Protocol):
+    name: str  # for the start summary and the report
+    module: GPT2LMHeadModel  # the bare HF model inside any wrapper
+    env: DistEnv
+    can_skip: bool  # a non-finite step can be dropped without touching the weights
+    sharded: bool  # parameters live in shards: every rank must join every forward (generation in lockstep)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor: ...
+    def accumulating(self, last: bool) -> ContextManager: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self, grad_clip: float, finite_loss: torch.Tensor) -> tuple[torch.Tensor, bool]: ...
+    def set_lr(self, lr: float) -> None: ...
+    def train(self, mode: bool = True) -> None: ...
+    def generation_autocast(self) -> ContextManager: ...
+    def save_state(self, folder: Path) -> None: ...
+    def load_state(self, folder: Path) -> None: ...
+    def export_hf(self, folder: Path, max_shard_size: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One registry entry. `build(cfg, env, grad_accum, weights, config)` makes the model the way this engine
+    needs it (ZeRO-3: partitioned from the start; FSDP: sharded) and returns the engine."""
+
+    build: Callable[[Config, DistEnv, int, str | None, GPT2Config], Engine]
+    needs_process_group: bool  # start a one-rank group under plain `python` (DeepSpeed and FSDP need one)
+    compile_by_default: bool  # torch.compile on a GPU unless --no-compile (measured faster there)
+    can_pad_vocab: bool  # --pad-vocab is possible (not where parameters are partitioned when built)
+    same_world_to_resume: bool  # its resumable state only loads on the world size that wrote it
+    slow_alone: bool = False  # nothing to shard on one rank: train.py warns and steers (ZeRO-3)
+    help: str = ""
+
+    def plan_key(self, name: str, offload: bool) -> str:
+        """This engine's row in the memory planner (plan.py)."""
+        return f"{name}_offload" if offload and name != "ddp" else name
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,73 @@
+"""Fault injection for the tests, from the outside: nothing in greentext_dist reads a test switch.
+
+In-process runs use `install(monkeypatch, ...)`. Launched runs get the same faults through tests/plugin/,
+a `sitecustomize` that Python imports at start-up when the test puts that folder on PYTHONPATH (with
+`launch_env(...)`); it patches the same functions before train.py imports them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+PLUGIN = Path(__file__).resolve().parent / "plugin"
+ENV = "GREENTEXT_FAULTS"  # read by tests/plugin/sitecustomize.py only
+
+
+def patches(nan_steps=(), disk_full: bool = False, crash_in_save: bool = False) -> list[tuple[object, str, object]]:
+    """(module, attribute, replacement) for each fault.
+
+    nan_steps: optimizer steps (1-based) whose training loss is multiplied by NaN (validation untouched).
+    disk_full: every save fails with ENOSPC after the ranks wrote their files.
+    crash_in_save: the process dies (exit 17) after a save's files are written, before it is published."""
+    import torch
+
+    from greentext_dist import checkpoint, loss, optim
+
+    out = []
+    if nan_steps:
+        current = {"step": 0}
+        real_lr_at, real_loss = optim.lr_at, loss.token_loss_sum
+
+        def lr_at(step, cfg, max_steps):  # called once at the start of every optimizer step, with its 0-based index
+            current["step"] = step + 1
+            return real_lr_at(step, cfg, max_steps)
+
+        def token_loss_sum(logits, targets):
+            value = real_loss(logits, targets)
+            return value * float("nan") if torch.is_grad_enabled() and current["step"] in set(nan_steps) else value
+
+        out += [(optim, "lr_at", lr_at), (loss, "token_loss_sum", token_loss_sum)]
+    if disk_full:
+        def rng_state():  # the last file every rank writes in a save
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "model.safetensors")
+
+        out.append((checkpoint, "rng_state", rng_state))
+    if crash_in_save:
+        real_collectively = checkpoint._collectively
+
+        def _collectively(fn, env, tmp, step):
+            real_collectively(fn, env, tmp, step)
+            if fn.__name__ == "written_by_all_ranks":
+                os._exit(17)
+
+        out.append((checkpoint, "_collectively", _collectively))
+    return out
+
+
+def install(monkeypatch, **faults) -> None:
+    """In-process: patch the package's modules and the names train.py imported from them."""
+    from greentext_dist import train
+
+    for module, name, fn in patches(**faults):
+        monkeypatch.setattr(module, name, fn)
+        if hasattr(train, name):
+            monkeypatch.setattr(train, name, fn)
+
+
+def launch_env(**faults) -> dict:
+    """Environment for a launched run (torchrun, python) with these faults."""
+    path = os.pathsep.join([str(PLUGIN), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {"PYTHONPATH": path, ENV: json.dumps(faults)}

@@ -394,7 +394,8 @@ def val_rows(stream: PackedStream) -> list[list[int]]:
 
 
 def val_batches(rows: list[list[int]], micro: int, rank: int, world: int, limit: int | None, eos: int | None = None):
-    """This rank's validation batches (x, y, position ids when `eos` is given for isolated packing). Every rank gets the same number of batches (sharded engines need
+    """This rank's validation batches (x, y, position ids when `eos` is given for isolated packing).
+    Every rank gets the same number of batches (sharded engines need
     every rank in every forward); padding rows and positions carry IGNORE_INDEX targets."""
     T = max((len(r) for r in rows), default=2) - 1
     mine = rows[rank::world]

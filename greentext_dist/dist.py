@@ -87,7 +87,8 @@ def preflight(env: DistEnv, timeout_s: float = 60.0) -> dict:
     or fabric fails here in seconds instead of in the first gradient all-reduce after the NCCL watchdog."""
     import socket
 
-    me = {"rank": env.rank, "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "gpu": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None}
+    gpu = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None
+    me = {"rank": env.rank, "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "gpu": gpu}
     if not env.distributed:
         return {"nodes": 1, "ranks_per_node": [1], "gpus": [me["gpu"]] if me["gpu"] else []}
     ok = torch.ones(1, device=env.device)

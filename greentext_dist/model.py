@@ -45,7 +45,8 @@ def preset_config(name: str, dropout: float) -> GPT2Config:
 def check_gpt2_dir(path: str, flag: str) -> GPT2Config:
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
-        raise UserError(f"{flag} {path} is not a Hugging Face model directory (no config.json)", "point it at a folder written by save_pretrained, e.g. OUT/final")
+        raise UserError(f"{flag} {path} is not a Hugging Face model directory (no config.json)",
+                        "point it at a folder written by save_pretrained, e.g. OUT/final")
     try:
         model_type = json.loads(cfg_file.read_text()).get("model_type")
     except json.JSONDecodeError as e:

@@ -452,7 +452,8 @@ def finish(run: Run) -> None:
     if env.is_main:
         ckpt.publish_final(final, run.out / "final")
         t = cfg.train
-        report = write_report(run.out, [("model", f"GPT-2 {cfg.model.model} ({init_kind(cfg.model)})"), ("engine", f"{run.engine.name} x {env.world_size} ranks"),
+        report = write_report(run.out, [("model", f"GPT-2 {cfg.model.model} ({init_kind(cfg.model)})"),
+                                        ("engine", f"{run.engine.name} x {env.world_size} ranks"),
                                         ("batch", f"{t.global_batch_size} x {cfg.data.seq_len} tokens"), ("steps", str(step))])
         console.print(f"[green]done:[/] {step} steps; model in {run.out / 'final'}; report in {report}")
 

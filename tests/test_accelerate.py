@@ -21,6 +21,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("config,engine", [("ddp.yaml", "engine       ddp"), ("deepspeed_zero2.yaml", "deepspeed zero2")])
+@pytest.mark.slow
 def test_accelerate_launch_two_ranks(reference, tmp_path, config, engine):
     data, ref = reference
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),

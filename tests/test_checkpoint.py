@@ -15,6 +15,7 @@ RUN = ["--global-batch-size", "4", "--micro-batch-size", "2", "--max-steps", "6"
 
 
 @pytest.mark.parametrize("dropout", ["0", "0.1"])
+@pytest.mark.slow
 def test_resume_matches_uninterrupted(corpus, tmp_path, dropout):
     full, split = tmp_path / "full", tmp_path / "split"
     assert run_inprocess(tiny_args(corpus, full, *RUN, "--dropout", dropout)) == 0
@@ -33,6 +34,7 @@ def test_resume_matches_uninterrupted(corpus, tmp_path, dropout):
     assert state["step"] == 6 and state["data"]["rows"] == 6 * 4
 
 
+@pytest.mark.slow
 def test_export_reloads_sharded_with_equal_logits(corpus, tmp_path):
     from greentext_dist.config import ModelConfig
     from greentext_dist.dist import init_distributed
@@ -102,6 +104,7 @@ def test_damaged_newest_checkpoint_falls_back(corpus, tmp_path):
     assert any("step-6 is unusable" in m and "bytes" in m for m in seen)
 
 
+@pytest.mark.slow
 def test_crash_mid_save_keeps_previous(corpus, tmp_path):
     """A save killed half-way leaves only a hidden temp folder; the run resumes from the last good step."""
     out = tmp_path / "run"

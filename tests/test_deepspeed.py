@@ -41,6 +41,7 @@ def zero3_config(tmp_path):
 
 @pytest.mark.parametrize("backend", ["zero2", "zero3"])
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+@pytest.mark.slow
 def test_matches_reference_fp32(reference, tmp_path, backend, launcher):
     data, ref, ref_val = reference
     out = tmp_path / "o"
@@ -53,6 +54,7 @@ def test_matches_reference_fp32(reference, tmp_path, backend, launcher):
     assert max(abs(a - b) for a, b in zip(val_losses(out), ref_val)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_zero3_bf16_accumulation_checkpointing(reference, tmp_path):
     data, ref, _ = reference
     args = tiny_args(data, tmp_path / "b", *COMMON, "--backend", "zero3", "--precision", "bf16", "--gradient-checkpointing",
@@ -63,6 +65,7 @@ def test_zero3_bf16_accumulation_checkpointing(reference, tmp_path):
     assert losses[-1] < losses[0] and max(abs(a - b) for a, b in zip(losses, ref)) <= 2e-2
 
 
+@pytest.mark.slow
 def test_auto_backend_under_deepspeed_launcher_bf16_checkpointing(reference, tmp_path):
     """`deepspeed train.py` picks ZeRO-2 for small sizes; bf16 + accumulation + checkpointing stay close."""
     data, ref, _ = reference
@@ -76,6 +79,7 @@ def test_auto_backend_under_deepspeed_launcher_bf16_checkpointing(reference, tmp
     assert max(abs(a - b) for a, b in zip(losses, ref)) <= 2e-2
 
 
+@pytest.mark.slow
 def test_zero3_resume_and_export(reference, tmp_path):
     data, _, _ = reference
     run = ["--global-batch-size", "4", "--micro-batch-size", "1", "--max-steps", "6", "--eval-every", "3", "--lr", "1e-3",
@@ -137,6 +141,7 @@ def test_ds_config_conflicts_are_clear(corpus, tmp_path, capfd):
         assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_zero3_offload_shipped_config(reference, tmp_path):
     """ds_configs/zero3_offload.json: parameters and optimizer state on the CPU, DeepSpeed's CPU AdamW."""
     data, ref, _ = reference

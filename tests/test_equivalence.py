@@ -1,6 +1,7 @@
 """Numerics: the loss is normalised by the step's global target count, so how a step is split
 (accumulation, ranks) does not change the curve."""
 
+import pytest
 from conftest import launch, run_inprocess, tiny_args, train_losses, val_losses
 
 COMMON = ["--global-batch-size", "8", "--max-steps", "4", "--eval-every", "2", "--lr", "1e-3"]
@@ -16,6 +17,7 @@ def test_accumulation_equals_one_big_batch(corpus, tmp_path):
     assert max(abs(x - y) for x, y in zip(val_losses(a), val_losses(b))) <= 1e-5
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one(corpus, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert run_inprocess(tiny_args(corpus, one, *COMMON, "--micro-batch-size", "4")) == 0

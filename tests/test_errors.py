@@ -1,5 +1,6 @@
 """Bad input: exit code 2, one line that names the problem and the fix, no traceback, nothing written."""
 
+import pytest
 import json
 
 
@@ -47,6 +48,7 @@ def test_bad_input_cases(tmp_path, corpus, capfd):
         assert not (out / "checkpoints").exists(), name
 
 
+@pytest.mark.slow
 def test_real_cli_error_has_no_traceback(tmp_path, corpus):
     p = launch(tiny_args(corpus, tmp_path / "o", "--global-batch-size", "6", "--micro-batch-size", "4"), launcher="python")
     assert p.returncode == 2

@@ -76,6 +76,7 @@ def test_generation_stops_at_end_of_text(model, tok):
     assert "<|endoftext|>" not in "".join(samples) and max(lengths) < 40 and len(set(lengths)) > 1
 
 
+@pytest.mark.slow
 def test_generate_cli_prefix_and_output(model_dir, tmp_path):
     out = tmp_path / "s.jsonl"
     p = subprocess.run([sys.executable, "-m", "greentext_dist.generate", str(model_dir), "--prompt", "be me", "--num-samples", "2",
@@ -128,6 +129,7 @@ def brute_force(model, tok, items) -> tuple[float, float, list[float]]:
     return acc / len(items), acc_norm / len(items), sums
 
 
+@pytest.mark.slow
 def test_hellaswag_equals_brute_force_reference(model, model_dir, tok, tmp_path):
     docs = make_items(120)
     data = tmp_path / "hs.jsonl"
@@ -254,6 +256,7 @@ def test_report_without_matplotlib_says_so(corpus, tmp_path, monkeypatch):
     assert "matplotlib is not installed" in text and not (tmp_path / "r" / "loss.png").exists()
 
 
+@pytest.mark.slow
 def test_sampling_under_zero3_on_two_ranks(corpus, tmp_path):
     from conftest import launch, tiny_args
 

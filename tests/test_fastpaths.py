@@ -147,6 +147,7 @@ def test_planner_turns_on_checkpointing_and_finds_the_micro_batch():
     assert not planner.plan_engine("xl", "ddp", 1, 24)["fits"]
 
 
+@pytest.mark.slow
 def test_plan_cli_prints_every_engine():
     p = subprocess.run([sys.executable, "-m", "greentext_dist.plan", "--model", "xl", "--gpus", "8", "--gpu-memory", "80"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)

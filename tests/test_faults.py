@@ -29,6 +29,7 @@ def intact(out):
     return dirs and all(ckpt.verify(d) is None for _, d in dirs)
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once_and_checkpoints_stay_intact(corpus, tmp_path):
     out = tmp_path / "run"
     proc = start(tiny_args(corpus, out, *RUN, "--max-steps", "400", "--save-every", "2"), 1)
@@ -70,6 +71,7 @@ def test_non_finite_step_stops_by_default_naming_the_step(corpus, tmp_path, monk
     assert run_inprocess(tiny_args(corpus, out, *RUN, "--max-steps", "6", "--save-every", "2")) == 0  # resume goes on
 
 
+@pytest.mark.slow
 def test_deepspeed_non_finite_step_stops_before_the_update(corpus, tmp_path):
     out = tmp_path / "ds"
     p = launch(tiny_args(corpus, out, *RUN, "--backend", "zero2", "--max-steps", "4", "--save-every", "1"), nproc=2,
@@ -78,6 +80,7 @@ def test_deepspeed_non_finite_step_stops_before_the_update(corpus, tmp_path):
     assert [n for n, _ in ckpt.step_dirs(out / "checkpoints")] == [1] and intact(out)
 
 
+@pytest.mark.slow
 def test_two_runs_in_one_folder_are_refused(corpus, tmp_path, capfd):
     out = tmp_path / "busy"
     proc = start(tiny_args(corpus, out, *RUN, "--max-steps", "400"), 1)
@@ -92,6 +95,7 @@ def test_two_runs_in_one_folder_are_refused(corpus, tmp_path, capfd):
     assert proc.returncode == 0 and not (out / ".lock").exists()  # released on exit
 
 
+@pytest.mark.slow
 def test_stale_lock_of_a_dead_process_is_taken_over(corpus, tmp_path, capfd):
     import socket
 
@@ -130,6 +134,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(corpus, tmp_path, m
     assert run_inprocess(tiny_args(corpus, out, *RUN, "--max-steps", "4")) == 0
 
 
+@pytest.mark.slow
 def test_soak_random_kills_end_on_the_uninterrupted_curve():
     p = subprocess.run([sys.executable, "scripts/soak.py", "--rounds", "10", "--max-steps", "80"], capture_output=True,
                        text=True, timeout=600, cwd=ROOT)

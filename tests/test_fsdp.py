@@ -17,6 +17,7 @@ def reference(tmp_path_factory):
     return reference_run(tmp_path_factory, COMMON)
 
 
+@pytest.mark.slow
 def test_fsdp_matches_reference_fp32(reference, tmp_path):
     data, ref, ref_val = reference
     p = launch(tiny_args(data, tmp_path / "f", *COMMON, "--backend", "fsdp"), nproc=2)
@@ -26,6 +27,7 @@ def test_fsdp_matches_reference_fp32(reference, tmp_path):
     assert max(abs(a - b) for a, b in zip(val_losses(tmp_path / "f"), ref_val)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_checkpointing_keep_params(reference, tmp_path):
     data, ref, _ = reference
     args = tiny_args(data, tmp_path / "b", *COMMON, "--backend", "fsdp", "--precision", "bf16",
@@ -36,6 +38,7 @@ def test_fsdp_bf16_checkpointing_keep_params(reference, tmp_path):
     assert losses[-1] < losses[0] and max(abs(a - b) for a, b in zip(losses, ref)) <= 2e-2
 
 
+@pytest.mark.slow
 def test_fsdp_resume_reshard_and_export(reference, tmp_path):
     data, _, _ = reference
     run = ["--global-batch-size", "4", "--micro-batch-size", "1", "--max-steps", "6", "--eval-every", "3", "--lr", "1e-3", "--backend", "fsdp"]
@@ -96,6 +99,7 @@ import os; os._exit(0)  # as train.py: skip teardown, where gloo threads rarely 
 """
 
 
+@pytest.mark.slow
 def test_fsdp_keeps_the_tie(tmp_path):
     script = tmp_path / "tie.py"
     script.write_text(TIE)

@@ -129,9 +129,7 @@ def test_fsdp_two_ranks_padded_matches_reference(corpus, tmp_path):
     assert GPT2LMHeadModel.from_pretrained(out / "final").config.vocab_size == 50257
 
 
-def test_zero3_refuses_padding(corpus, tmp_path):
-    from greentext_dist.config import parse_args
-    from greentext_dist.errors import UserError
-
-    with pytest.raises(UserError, match="zero3"):
-        parse_args(tiny_args(corpus, tmp_path, "--backend", "zero3", "--pad-vocab", "64"))
+def test_zero3_refuses_padding(corpus, tmp_path, capfd):
+    assert run_inprocess(tiny_args(corpus, tmp_path / "z3", "--backend", "zero3", "--pad-vocab", "64", "--max-steps", "1")) == 2
+    err = capfd.readouterr().err
+    assert "--pad-vocab cannot be used with --backend zero3" in err and "--pad-vocab 1" in err

@@ -33,6 +33,7 @@ def test_small_flops_value_and_cpu_peak():
     assert peak_tflops(torch.device("cpu")) is None and peak_tflops(torch.device("cpu"), 1.5) == 1.5
 
 
+@pytest.mark.slow
 def test_bench_script_runs_on_cpu():
     p = subprocess.run([sys.executable, "scripts/bench.py", "--model", "tiny", "--seq-len", "64", "--micro-batch-size", "2",
                         "--steps", "2", "--warmup", "1", "--precision", "fp32"], capture_output=True, text=True, timeout=180, cwd=ROOT)

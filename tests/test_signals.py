@@ -62,6 +62,7 @@ def finish(args, nproc):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_signal_checkpoints_and_resume_is_exact_one_rank(corpus, tmp_path, sig):
     ref, out = tmp_path / "ref", tmp_path / "run"
     assert run_inprocess(tiny_args(corpus, ref, *RUN)) == 0

@@ -18,6 +18,7 @@ def test_bundled_files_are_genuine_gpt2():
     assert tok.encode(">be me\n>café 🙂") and tok.decode(tok.encode(">be me\n>café 🙂")) == ">be me\n>café 🙂"
 
 
+@pytest.mark.slow
 def test_offline_gpt2_falls_back_and_says_so():
     code = "from greentext_dist.tokenizer import load_tokenizer; t = load_tokenizer('gpt2'); print(t.encode('Hello world'), t.eos_token_id)"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

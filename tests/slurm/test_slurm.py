@@ -14,6 +14,8 @@ from conftest import ROOT, run_inprocess, tiny_args, train_losses, write_posts
 
 HERE = Path(__file__).parent
 
+pytestmark = pytest.mark.slow  # a real cluster and real jobs
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):

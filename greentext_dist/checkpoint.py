@@ -154,6 +154,33 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, tokenize
     return final
 
 
+def save_best(engine, root: Path, step: int, val_loss: float, tokenizer, max_shard_size: str) -> Path:
+    """Collective: the weights (stock HF, no training state) with the lowest validation loss so far, in
+    root/best, outside the step-N rotation. Replaced atomically: a kill never leaves a half-written best."""
+    env = engine.env
+    dest, tmp, old = root / "best", root / ".tmp-best", root / ".del-best"
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    _collectively(lambda: engine.export_hf(tmp, max_shard_size), env, tmp, step)
+
+    def publish_on_rank0() -> None:
+        if not env.is_main:
+            return
+        tokenizer.save_pretrained(tmp)
+        (tmp / "best.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
+        write_manifest(tmp)
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
+
+    _collectively(publish_on_rank0, env, tmp, step)
+    return dest
+
+
 def _collectively(fn, env, tmp: Path, step: int) -> None:
     """Run one phase of a save on every rank and agree on the outcome, so a full disk on one rank stops all of
     them (none left waiting in a barrier) and leaves no half-written folder behind."""
@@ -188,19 +215,30 @@ def remove_partial_saves(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         for p in root.glob(".del-step-*"):  # rotation that was interrupted
             shutil.rmtree(p, ignore_errors=True)
+        best = root / "best"
+        if not best.exists():  # killed between the two renames of save_best: keep whichever copy is complete
+            for candidate in (root / ".tmp-best", root / ".del-best"):
+                if candidate.is_dir() and verify(candidate) is None:
+                    os.replace(candidate, best)
+                    break
+        for p in (root / ".tmp-best", root / ".del-best"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
-def publish_final(ckpt: Path, dest: Path) -> None:
-    """OUT/final: the HF files of the last checkpoint (hard links where possible), without training state."""
+def publish_final(ckpt: Path, dest: Path, extra: dict[str, str] | None = None) -> None:
+    """OUT/final: the HF files of a checkpoint (hard links where possible), without training state, plus `extra`
+    files (name -> text, e.g. the model card)."""
     tmp = dest.with_name(f".tmp-{dest.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for p in ckpt.iterdir():
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.name not in (MANIFEST, "best.json"):
             try:
                 os.link(p, tmp / p.name)
             except OSError:
                 shutil.copy2(p, tmp / p.name)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
     write_manifest(tmp)
     if dest.exists():
         shutil.rmtree(dest)

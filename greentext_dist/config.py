@@ -68,14 +68,15 @@ class TrainConfig:
     fsdp_cpu_offload: bool = _f(False, "FSDP: keep sharded parameters, gradients and optimizer state on the CPU")
     global_batch_size: int = _f(512, "sequences per optimizer step, over all ranks and accumulation")
     micro_batch_size: int = _f(8, "sequences per forward pass per rank")
-    max_steps: int | None = _f(None, "optimizer steps to run (overrides --epochs)")
-    epochs: float | None = _f(None, "passes over the training data (default 3 when --max-steps is unset)")
+    max_steps: int | None = _f(None, "optimizer steps to run (overrides --epochs; default: 300 or 3 epochs, whichever is longer)")
+    epochs: float | None = _f(None, "passes over the training data (default: see --max-steps)")
     halt_at_step: int | None = _f(None, "stop after this step with a checkpoint, keeping the schedule of the full run")
     precision: str = _f("bf16", "bf16 autocast with fp32 master weights, or fp32", ["bf16", "fp32"])
     seed: int = _f(1337, "seed for init, dropout and data order")
     log_every: int = _f(1, "steps between metric lines")
     eval_every: int = _f(50, "steps between validation passes (0: only at the end)")
     eval_batches: int | None = _f(None, "cap on validation micro-batches per rank (default: all)")
+    early_stopping_patience: int = _f(0, "stop after this many validations in a row without a new best val loss (0: never)")
     max_bad_steps: int = _f(0, "steps with a non-finite loss or gradient norm to skip before stopping (0: stop at the first)")
     sample_every: int = _f(0, "steps between greentext samples for a fixed prompt set, written to OUT/samples.jsonl (0: off)")
     peak_tflops: float | None = _f(None, "device bf16 peak for MFU (default: from the GPU name; none on CPU)")
@@ -84,9 +85,13 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     output_dir: str = _f("out", "run folder: checkpoints/, final/, metrics.jsonl")
-    save_every: int = _f(0, "steps between checkpoints (0: only at the end)")
+    save_every: int = _f(0, "steps between checkpoints (0: by time only, see --save-every-minutes)")
+    save_every_minutes: float = _f(30.0, "also checkpoint when this many minutes passed since the last save, so a crash, OOM or "
+                                   "lost node costs at most that much work (0: off)")
     keep_last: int = _f(2, "checkpoints to keep")
     max_shard_size: str = _f("2GB", "largest safetensors shard")
+    final: str = _f("best", "OUT/final holds the weights with the lowest validation loss (best; kept in checkpoints/best outside the rotation) "
+                    "or of the last step (last); without validation it is always the last", ["best", "last"])
     resume: str = _f("auto", "auto (newest checkpoint in output dir), never, or a checkpoint path")
     overwrite: bool = _f(False, "with --resume never: delete the checkpoints an earlier run left in --output-dir")
 
@@ -122,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="greentext_dist.train",
         description="Fine-tune GPT-2 on greentext with DDP, DeepSpeed ZeRO or FSDP.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.HelpFormatter,
     )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher passes it; LOCAL_RANK is read from the environment
-    p.add_argument("--config", default=None, help="TOML or JSON file with [model] [data] [optim] [train] [checkpoint] tables")
+    p.add_argument("--config", default=None, help="TOML, YAML or JSON file with [model] [data] [optim] [train] [checkpoint] tables "
+                   "(OUT/config.toml of an earlier run works)")
     for section in dataclasses.fields(Config):
         cls = section.default_factory
         group = p.add_argument_group(section.name)
@@ -133,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             tp = types_[f.name]
-            kw = dict(dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS, help=f.metadata["help"])
+            # default=SUPPRESS keeps values from --config and accelerate configs unless a flag is given, so the
+            # help text states the default itself (argparse's formatter cannot show a suppressed one).
+            shown = "" if f.default in (None, dataclasses.MISSING) or "default:" in f.metadata["help"] else f" (default: {f.default})"
+            kw = dict(dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS, help=f.metadata["help"] + shown)
             if f.name == "backend":
                 from greentext_dist.engines import ENGINES  # the registry is the one list of engines
 
@@ -171,12 +180,37 @@ def _apply(cfg: Config, section: str, name: str, value, source: str) -> None:
 def load_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {path} does not exist", "pass an existing .toml or .json file to --config")
+        raise UserError(f"config file {path} does not exist", "pass an existing .toml, .yaml or .json file to --config")
     text = p.read_text()
+    kind = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}.get(p.suffix.lower(), "JSON")
     try:
-        return tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"config file {path} is not valid {p.suffix[1:].upper() or 'JSON'}: {e}", "fix the syntax") from None
+        if kind == "YAML":
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text) if kind == "TOML" else json.loads(text)
+    except Exception as e:  # noqa: BLE001 - tomllib, json and yaml each raise their own error type
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"config file {path} is not valid {kind}: {first}", f"fix the {kind} syntax (the file's suffix picks the format)") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} holds a {type(data).__name__}, not tables of settings", "write [model], [data], ... sections")
+    return data
+
+
+def to_toml(cfg: Config, sources: dict[tuple[str, str], str]) -> str:
+    """Every setting, with where its value came from; `--config` reads it back (unset values are comments)."""
+    lines = ["# greentext_dist settings of this run; reuse with --config FILE. After each value: where it came from."]
+    for section, values in cfg.to_dict().items():
+        lines.append(f"\n[{section}]")
+        for name, value in values.items():
+            src = sources.get((section, name), "default")
+            if value is None:
+                lines.append(f"# {name} = (unset)  # {src}")
+            else:
+                text = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+                lines.append(f"{name} = {text}  # {src}")
+    return "\n".join(lines) + "\n"
 
 
 def accelerate_settings(env=None) -> dict[tuple[str, str], object]:
@@ -210,22 +244,30 @@ def accelerate_settings(env=None) -> dict[tuple[str, str], object]:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
+    return parse_args_with_sources(argv)[0]
+
+
+def parse_args_with_sources(argv: list[str] | None = None) -> tuple[Config, dict[tuple[str, str], str]]:
+    """The config, and for every value not left at its default where it came from (file, accelerate, flag)."""
     args = build_parser().parse_args(argv)
-    cfg = Config()
+    cfg, sources = Config(), {}
     if args.config:
         for section, values in load_file(args.config).items():
             if not isinstance(values, dict):
                 raise UserError(f"{args.config}: '{section}' must be a table of settings", "see the README's config example")
             for name, value in values.items():
                 _apply(cfg, section, name, value, args.config)
+                sources[(section, name)] = f"file {args.config}"
     for (section, name), value in accelerate_settings().items():
         setattr(getattr(cfg, section), name, value)
+        sources[(section, name)] = "accelerate config"
     for dest, value in vars(args).items():
         if "." in dest:
             section, name = dest.split(".")
             setattr(getattr(cfg, section), name, value)
+            sources[(section, name)] = "flag"
     validate(cfg)
-    return cfg
+    return cfg, sources
 
 
 def validate(cfg: Config) -> None:
@@ -244,7 +286,8 @@ def validate(cfg: Config) -> None:
         if value <= 0:
             raise UserError(f"{flag} must be positive, got {value}", f"pass a value above 0 to {flag}")
     for flag, value in {"--min-lr": o.min_lr, "--weight-decay": o.weight_decay, "--grad-clip": o.grad_clip,
-                        "--eval-every": t.eval_every, "--sample-every": t.sample_every, "--max-bad-steps": t.max_bad_steps, "--save-every": cfg.checkpoint.save_every,
+                        "--eval-every": t.eval_every, "--sample-every": t.sample_every, "--max-bad-steps": t.max_bad_steps, "--early-stopping-patience": t.early_stopping_patience, "--save-every": cfg.checkpoint.save_every,
+                        "--save-every-minutes": cfg.checkpoint.save_every_minutes,
                         "--warmup-steps": o.warmup_steps or 0, "--prefetch": d.prefetch}.items():
         if value < 0:
             raise UserError(f"{flag} must not be negative, got {value}", f"pass 0 or more to {flag}")

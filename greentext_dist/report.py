@@ -73,3 +73,58 @@ def write_report(out: Path, summary: list[tuple[str, str]]) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def model_card(out: Path, cfg, base: str, *, corpus, val_corpus, steps: int, tokens: int, epochs: float, engine: str,
+               final_step: int, best: dict | None) -> str:
+    """OUT/final/README.md: what the model is, how it was trained, how well, and what it is (not) for."""
+    rows = read_metrics(out / "metrics.jsonl")
+    val = [r for r in rows if r.get("val_loss") is not None]
+    train = [r for r in rows if "loss" in r and not r.get("skipped")]
+    samples_file = out / "samples.jsonl"
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()] if samples_file.exists() else []
+    last_samples = [s for s in samples if samples and s["step"] == samples[-1]["step"]]
+    hellaswag = out / "hellaswag.json"
+    o, d, t = cfg.optim, cfg.data, cfg.train
+    lines = [
+        "---", "license: mit", "base_model: " + base, "tags: [gpt2, greentext, text-generation]", "---", "",
+        f"# GPT-2 {cfg.model.model} fine-tuned on greentext", "",
+        f"Trained with greentext_dist from **{base}** on `{d.dataset}`"
+        + (f" ({corpus.posts:,} posts, {corpus.tokens:,} tokens)" if corpus else "") + ". "
+        "Greentexts are short humorous stories whose lines start with `>`.", "",
+        "## Training", "",
+        "| | |", "|---|---|",
+        f"| steps | {steps:,} ({epochs:.1f} epochs, {tokens:,} target tokens) |",
+        f"| these weights | step {final_step}" + (" (lowest validation loss)" if best and best["step"] == final_step else "") + " |",
+        f"| engine | {engine}, {t.precision} |",
+        f"| batch | {t.global_batch_size} sequences x {d.seq_len} tokens ({d.packing} packing) |",
+        f"| optimizer | AdamW(betas {o.beta1}, {o.beta2}), lr {o.lr:g} -> {o.min_lr:g} cosine, weight decay {o.weight_decay}, "
+        f"clip {o.grad_clip}, dropout {cfg.model.dropout} |",
+        f"| seed | {t.seed} |",
+        f"| final train loss | {train[-1]['loss']:.4f} |" if train else "",
+        f"| final val loss | {val[-1]['val_loss']:.4f} ({val_corpus.posts:,} held-out posts) |" if val and val_corpus else "",
+        f"| best val loss | {best['val_loss']:.4f} at step {best['step']} |" if best else "",
+    ]
+    if hellaswag.exists():
+        h = json.loads(hellaswag.read_text())
+        lines.append(f"| HellaSwag | acc {h.get('acc', float('nan')):.4f}, acc_norm {h.get('acc_norm', float('nan')):.4f} |")
+    lines = [line for line in lines if line != ""] + [""]
+    if last_samples:
+        lines += [f"## Samples (step {last_samples[0]['step']})", ""]
+        for s in last_samples:
+            lines += ["```", s["text"], "```", ""]
+    lines += [
+        "## Use", "",
+        "```python",
+        "from transformers import pipeline",
+        'print(pipeline("text-generation", model="PATH_OR_REPO")(">be me\n", max_new_tokens=80, do_sample=True)[0]["generated_text"])',
+        "```", "",
+        "## Intended use and limits", "",
+        "For fun and for studying fine-tuning: it writes greentext-shaped stories. It is not a source of facts. "
+        "The greentext genre comes from anonymous forums and often contains crude, offensive or biased language; "
+        "the model reproduces the style of its data and can produce such text. Filter its output before showing it to others.", "",
+        "## License", "",
+        "The GPT-2 weights are released by OpenAI under a modified MIT license; this fine-tune is shared under the same terms. "
+        "Check the license of the training data you used.", "",
+    ]
+    return "\n".join(lines)

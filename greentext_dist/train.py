@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from greentext_dist import checkpoint as ckpt
-from greentext_dist.config import Config, parse_args
+from greentext_dist.config import Config, parse_args_with_sources, to_toml
 from greentext_dist.data import (
     DataState, PackedStream, TrainLoader, count_corpus, first_example, is_val_post, open_dataset, open_train_dataset, parse_mix,
     text_getter, val_batches, val_rows, val_stream,
@@ -122,6 +122,9 @@ def build_streams(cfg: Config, tokenizer) -> tuple[PackedStream, PackedStream | 
     return train, val_stream(d.dataset, d.text_field, d.val_fraction, tokenizer, d.seq_len)
 
 
+DEFAULT_STEPS = 300
+
+
 def plan_run(cfg: Config, env: DistEnv, corpus: Corpus) -> Plan:
     t = cfg.train
     per_pass = t.micro_batch_size * env.world_size
@@ -137,7 +140,14 @@ def plan_run(cfg: Config, env: DistEnv, corpus: Corpus) -> Plan:
         )
     steps_per_epoch = corpus.rows / t.global_batch_size
     epochs = t.epochs if t.epochs is not None else 3.0
-    max_steps = t.max_steps if t.max_steps is not None else math.floor(epochs * steps_per_epoch)
+    if t.max_steps is not None:
+        max_steps = t.max_steps
+    elif t.epochs is not None:
+        max_steps = math.floor(epochs * steps_per_epoch)
+    else:
+        # The default: a real fine-tune even on a small corpus (the origin report's first result was at 300 steps of
+        # 512 x 1024 tokens on ~200 rows); OUT/final is the best-validation checkpoint, which guards against overfitting.
+        max_steps = max(DEFAULT_STEPS, math.floor(3 * steps_per_epoch))
     if max_steps == 0:
         raise UserError(
             f"{epochs:g} epoch(s) of {corpus.rows} rows give no full step of --global-batch-size {t.global_batch_size}",
@@ -182,7 +192,7 @@ def memory_line(mem: "MemoryPlan") -> str:
     return f"~{gib(mem.peak)} peak {where}: {gib(mem.states)} params+grads+optimizer, {gib(mem.activations)} activations"
 
 
-def print_summary(run: "Run") -> None:
+def print_summary(run: "Run", sources: dict) -> None:
     cfg, env, layout, engine, corpus, val_corpus, plan, mem = run.cfg, run.env, run.layout, run.engine, run.corpus, run.val_corpus, run.plan, run.mem
     model, resume_from = engine.module, run.resume_from
     t, d = cfg.train, cfg.data
@@ -205,6 +215,8 @@ def print_summary(run: "Run") -> None:
                      f"lr {cfg.optim.lr:g} warmup {warmup_steps(cfg.optim, plan.max_steps)} cosine to {cfg.optim.min_lr:g}"),
         ("memory/rank", memory_line(mem)),
         ("output", f"{cfg.checkpoint.output_dir}" + (f" (resuming from {resume_from})" if resume_from else "")),
+        ("settings", ", ".join(f"{name}={getattr(getattr(cfg, sec), name)} ({src})" for (sec, name), src in sorted(sources.items()))
+                     + f"; all in {run.out / 'config.toml'}"),
     ]
     console.print(summary_table("greentext_dist", rows))
     if t.global_batch_size > corpus.rows:
@@ -289,17 +301,49 @@ def claim_output_dir(out: Path, cfg: Config) -> None:
 class Checkpointer:
     """Owns when checkpoints are written (--save-every, a stop, the end), their rotation, and the final export."""
 
-    def __init__(self, run_out: Path, cfg: Config, engine: Engine, tokenizer, last_saved: int | None):
+    def __init__(self, run_out: Path, cfg: Config, engine: Engine, tokenizer, last_saved: int | None, state: dict | None):
         self.root, self.c, self.engine, self.tokenizer = run_out / "checkpoints", cfg.checkpoint, engine, tokenizer
-        self.last_saved = last_saved
+        self.last_saved, self.saved_at = last_saved, time.monotonic()
+        self.patience = cfg.train.early_stopping_patience
+        self.best = (state or {}).get("best")  # {"step", "val_loss"} of checkpoints/best
+        self.since_best = (state or {}).get("since_best", 0)  # validations without a new best
+
+    def validated(self, step: int, val_loss: float) -> bool:
+        """After each validation: keep a new best's weights out of rotation. True when early stopping says stop."""
+        if self.best is None or val_loss < self.best["val_loss"]:
+            if self.c.final == "best" or self.patience:
+                ckpt.save_best(self.engine, self.root, step, val_loss, self.tokenizer, self.c.max_shard_size)
+            self.best, self.since_best = {"step": step, "val_loss": val_loss}, 0
+            return False
+        self.since_best += 1
+        return bool(self.patience) and self.since_best >= self.patience
+
+    def final_source(self, last: Path) -> Path:
+        """What OUT/final publishes: checkpoints/best under --final best when validation ran, else the last step."""
+        best = self.root / "best"
+        if self.c.final == "best" and self.best and best.is_dir():
+            return best
+        if self.c.final == "best" and self.best:
+            log.warning(f"{best} is missing (removed by hand?): OUT/final holds the last step instead")
+        return last
 
     def save(self, step: int, trainer_state: dict) -> Path:
         path = ckpt.save_checkpoint(self.engine, self.root, step, trainer_state, self.tokenizer, self.c.keep_last, self.c.max_shard_size)
-        self.last_saved = step
+        self.last_saved, self.saved_at = step, time.monotonic()
         return path
 
     def due(self, step: int, max_steps: int) -> bool:
-        return bool(self.c.save_every) and step % self.c.save_every == 0 and step != max_steps
+        """Every --save-every steps, and once --save-every-minutes have passed since the last save (rank 0's clock,
+        agreed by all ranks in one tiny all-reduce, so every rank joins the same save)."""
+        if step == max_steps:
+            return False
+        if self.c.save_every and step % self.c.save_every == 0:
+            return True
+        if self.c.save_every_minutes <= 0:
+            return False
+        env = self.engine.env
+        late = env.is_main and time.monotonic() - self.saved_at >= 60 * self.c.save_every_minutes
+        return all_reduce_sum(torch.tensor([1.0 if late else 0.0], device=env.device)).item() > 0
 
     def ensure(self, step: int, trainer_state) -> Path:
         """The checkpoint of this step, written now unless it already is. `trainer_state` is called only if needed."""
@@ -312,12 +356,41 @@ class Checkpointer:
 def trainer_state(run: Run) -> dict:
     p, env = run.progress, run.env
     return {"step": p.step, "tokens": int(p.tokens.item()), "data": p.data.to_dict(), "max_steps": run.plan.max_steps,
-            "bad_steps": p.bad_steps, "world_size": env.world_size, "backend": run.cfg.train.backend, "config": run.cfg.to_dict()}
+            "bad_steps": p.bad_steps, "world_size": env.world_size, "backend": run.cfg.train.backend, "config": run.cfg.to_dict(),
+            "best": run.checkpointer.best, "since_best": run.checkpointer.since_best}
 
 
-def setup(cfg: Config) -> Run:
+# Settings that change what a run is: resuming under different values would silently continue another experiment.
+# Everything else (--max-steps, --epochs, --micro-batch-size, cadences, compile, ...) may change on resume.
+MEANING = {
+    "model": ("model", "init", "model_path", "tokenizer", "dropout"),
+    "data": ("dataset", "text_field", "val_dataset", "val_fraction", "seq_len", "shuffle_buffer", "mix", "packing"),
+    "optim": ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip"),
+    "train": ("backend", "global_batch_size", "seed", "precision"),
+}
+
+
+def check_same_run(cfg: Config, state: dict, resume_from: Path) -> None:
+    """Refuse to resume a checkpoint under settings that change the meaning of the run, naming each one."""
+    saved = state.get("config")
+    if not saved:
+        return  # written before settings were saved
+    now = cfg.to_dict()
+    diffs = [f"--{name.replace('_', '-')} {now[sec][name]!r} (the checkpoint has {saved[sec].get(name)!r})"
+             for sec, names in MEANING.items() for name in names if saved.get(sec, {}).get(name) != now[sec][name]]
+    if diffs:
+        raise UserError(
+            f"checkpoint {resume_from} belongs to a run with other settings: " + "; ".join(diffs),
+            "rerun with the checkpoint's settings to continue it, or start a new run: a new --output-dir, or --resume never --overwrite",
+        )
+
+
+def setup(cfg: Config, sources: dict | None = None) -> Run:
     """Everything before the first step: the engine chosen, the data counted and planned, the resume point found,
-    the model built and its state loaded, and the start summary printed."""
+    the model built and its state loaded, and the start summary printed. `sources`: where each set value came from."""
+    sources = dict(sources or {})
+    if cfg.train.backend == "auto":
+        sources[("train", "backend")] = "auto"
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backend=resolve_backend(cfg)))
     spec = ENGINES[cfg.train.backend]
     env = init_distributed(single_rank_group=spec.needs_process_group)
@@ -326,17 +399,7 @@ def setup(cfg: Config) -> Run:
     out = Path(cfg.checkpoint.output_dir)
     on_main(claim_output_dir, out, cfg)
 
-    # Data: the global packed stream, its size, and the plan that follows from it.
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
-    train_stream, val_stream_ = build_streams(cfg, tokenizer)
-    corpus, val_corpus, val = on_main(lambda: (
-        Corpus(**count_corpus(train_stream, cfg.data.dataset)),
-        Corpus(**count_corpus(val_stream_, cfg.data.val_dataset or cfg.data.dataset)) if val_stream_ else None,
-        val_rows(val_stream_) if val_stream_ else [],
-    ))
-    plan = plan_run(cfg, env, corpus)
-
-    # Resume point (rank 0 verifies checksums once), then the model's shape and the settings left to auto.
+    # Resume point (rank 0 verifies checksums once) and the model's shape, read without loading weights.
     resume_from = on_main(ckpt.resolve_resume, cfg.checkpoint.resume, out / "checkpoints")
     state = ckpt.read_trainer_state(resume_from) if resume_from else None
     if state and state["world_size"] != env.world_size and ENGINES[state["backend"]].same_world_to_resume:
@@ -348,10 +411,29 @@ def setup(cfg: Config) -> Run:
     shape = model_config(cfg.model, weights)
     if resume_from:
         check_matches_preset(shape, cfg.model, f"checkpoint {resume_from}")
+    if state:
+        check_same_run(cfg, state, resume_from)
     if cfg.data.seq_len > shape.n_positions:
         raise UserError(f"--seq-len {cfg.data.seq_len} is longer than the model's {shape.n_positions} positions",
                         f"use --seq-len {shape.n_positions} or less")
+
+    # Data: the global packed stream, its size, and the plan that follows from it.
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    train_stream, val_stream_ = build_streams(cfg, tokenizer)
+    corpus, val_corpus, val = on_main(lambda: (
+        Corpus(**count_corpus(train_stream, cfg.data.dataset)),
+        Corpus(**count_corpus(val_stream_, cfg.data.val_dataset or cfg.data.dataset)) if val_stream_ else None,
+        val_rows(val_stream_) if val_stream_ else [],
+    ))
+    plan = plan_run(cfg, env, corpus)
+
+    # The settings left to auto.
+    for name in ("compile", "pad_vocab", "gradient_checkpointing"):
+        if getattr(cfg.model, name) is None:
+            sources[("model", name)] = "auto"
     cfg = resolve(cfg, env, spec, shape)
+    if env.is_main:
+        ckpt.atomic_write_text(out / "config.toml", to_toml(cfg, sources))
     mem = memory_plan(cfg, env, spec, shape, cfg.model.gradient_checkpointing)
 
     torch.manual_seed(cfg.train.seed)
@@ -368,10 +450,10 @@ def setup(cfg: Config) -> Run:
     )
     resume_step = progress.step if state else None
     run = Run(cfg, env, spec, layout, tokenizer, train_stream, val, corpus, val_corpus, plan, mem, engine, resume_from, state,
-              Checkpointer(out, cfg, engine, tokenizer, resume_step), progress, out,
+              Checkpointer(out, cfg, engine, tokenizer, resume_step, state), progress, out,
               MetricsLog(out / "metrics.jsonl", resume_step, env.is_main), MetricsLog(out / "samples.jsonl", resume_step, env.is_main))
     if env.is_main:
-        print_summary(run)
+        print_summary(run, sources)
     if state and state["max_steps"] != plan.max_steps:
         log.warning(f"the checkpoint was planned for {state['max_steps']} steps, this run for {plan.max_steps}: the lr schedule changes")
     return run
@@ -422,15 +504,21 @@ def fit(run: Run) -> bool:
                            + (f"  MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else "") + f"  mem {rec['peak_mem_gb']:.1f} GiB")
             else:
                 bar.update(p.step)
+            early_stop = False
             if run.val and t.eval_every and p.step % t.eval_every == 0 and p.step != max_steps:
                 val_loss = evaluate(engine, run.val, cfg, env, run.tokenizer.eos_token_id)
                 metrics.write(step=p.step, val_loss=val_loss)
                 bar.note(f"step {p.step}: val_loss {val_loss:.4f}")
+                early_stop = checkpoints.validated(p.step, val_loss)
             if t.sample_every and p.step % t.sample_every == 0:
                 write_samples(engine, run.tokenizer, cfg, env, p.step, samples)
                 bar.note(f"step {p.step}: samples in {run.out / 'samples.jsonl'}")
             if checkpoints.due(p.step, max_steps):
                 checkpoints.save(p.step, trainer_state(run))
+            if early_stop:
+                bar.note(f"step {p.step}: early stopping, no new best val_loss in {checkpoints.since_best} validations "
+                         f"(best {checkpoints.best['val_loss']:.4f} at step {checkpoints.best['step']})")
+                break
             halt = bool(t.halt_at_step) and p.step == t.halt_at_step and p.step != max_steps
             if (stop.requested() or halt) and p.step != max_steps:
                 checkpoints.ensure(p.step, lambda: trainer_state(run))
@@ -441,25 +529,38 @@ def fit(run: Run) -> bool:
 
 
 def finish(run: Run) -> None:
-    """Final validation, the last checkpoint, OUT/final (stock HF GPT-2) and OUT/report.md."""
-    cfg, env, step = run.cfg, run.env, run.progress.step
+    """Final validation, the last checkpoint, OUT/final (stock HF GPT-2 with a model card) and OUT/report.md."""
+    cfg, env, step, checkpoints = run.cfg, run.env, run.progress.step, run.checkpointer
     if run.val:
         val_loss = evaluate(run.engine, run.val, cfg, env, run.tokenizer.eos_token_id)
         run.metrics.write(step=step, val_loss=val_loss)
+        checkpoints.validated(step, val_loss)
         if env.is_main:
             console.print(f"final val_loss {val_loss:.4f}")
-    final = run.checkpointer.ensure(step, lambda: trainer_state(run))
+    final = checkpoints.final_source(checkpoints.ensure(step, lambda: trainer_state(run)))
     if env.is_main:
-        ckpt.publish_final(final, run.out / "final")
+        best = checkpoints.best
+        final_step = best["step"] if final.name == "best" else step
         t = cfg.train
-        report = write_report(run.out, [("model", f"GPT-2 {cfg.model.model} ({init_kind(cfg.model)})"),
-                                        ("engine", f"{run.engine.name} x {env.world_size} ranks"),
-                                        ("batch", f"{t.global_batch_size} x {cfg.data.seq_len} tokens"), ("steps", str(step))])
-        console.print(f"[green]done:[/] {step} steps; model in {run.out / 'final'}; report in {report}")
+        facts = [("model", f"GPT-2 {cfg.model.model} ({init_kind(cfg.model)})"), ("engine", f"{run.engine.name} x {env.world_size} ranks"),
+                 ("batch", f"{t.global_batch_size} x {cfg.data.seq_len} tokens"), ("steps", str(step)),
+                 ("OUT/final", f"step {final_step}" + (f", the best val loss {best['val_loss']:.4f}" if final.name == "best" else ", the last step"))]
+        ckpt.publish_final(final, run.out / "final", {"README.md": model_card(run, final_step)})
+        report = write_report(run.out, facts)
+        console.print(f"[green]done:[/] {step} steps; model (step {final_step}) in {run.out / 'final'}; report in {report}")
+
+
+def model_card(run: Run, final_step: int) -> str:
+    from greentext_dist.report import model_card as card
+
+    cfg, p = run.cfg, run.progress
+    return card(run.out, cfg, source_of(cfg.model) or "random init", corpus=run.corpus, val_corpus=run.val_corpus,
+                steps=p.step, tokens=int(p.tokens.item()), epochs=p.step / run.plan.steps_per_epoch,
+                engine=f"{run.engine.name} x {run.env.world_size} ranks", final_step=final_step, best=run.checkpointer.best)
 
 
 def main(argv: list[str] | None = None) -> int:
-    run = setup(parse_args(argv))
+    run = setup(*parse_args_with_sources(argv))
     if fit(run):
         finish(run)
     return 0

@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from greentext_dist.config import Config
+from greentext_dist.configs import DEEPSPEED
 from greentext_dist.dist import DistEnv
 from greentext_dist.errors import UserError
 from greentext_dist.engines.base import EngineSpec
 from greentext_dist.model import apply_compile, build_model, lm_logits, pad_vocab, save_hf, true_vocab
 
-DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIGS = DEEPSPEED  # shipped in the package; ds_configs/ in a clone links here
 _hf_ds_config = None  # transformers reads the live HfDeepSpeedConfig through a weak reference: keep it alive
 
 

@@ -1,0 +1,131 @@
+"""What a new user meets in the first week: --help with defaults, time-based checkpoints, a refused resume
+under other settings, the saved config read back, and YAML config files."""
+
+import pytest
+
+from conftest import run_inprocess, tiny_args, train_losses
+from greentext_dist import checkpoint as ckpt
+from greentext_dist.config import build_parser, parse_args
+from greentext_dist.errors import UserError
+
+RUN = ["--global-batch-size", "4", "--micro-batch-size", "2", "--max-steps", "4", "--eval-every", "0", "--lr", "1e-3"]
+
+
+def test_help_shows_every_default():
+    text = build_parser().format_help()
+    for flag, default in (("--lr", "0.00025"), ("--global-batch-size", "512"), ("--save-every-minutes", "30.0"),
+                          ("--dropout", "0.1"), ("--backend", "auto"), ("--keep-last", "2")):
+        block = text[text.index("\n  " + flag + " "):][:400]  # its own help entry, not the usage line
+        assert f"(default: {default})" in " ".join(block.split()), flag
+
+
+def test_time_based_checkpoints(corpus, tmp_path):
+    out = tmp_path / "t"
+    assert run_inprocess(tiny_args(corpus, out, *RUN, "--save-every-minutes", "1e-6", "--keep-last", "10")) == 0
+    assert [n for n, _ in ckpt.step_dirs(out / "checkpoints")] == [1, 2, 3, 4]  # every step is "late"
+    out = tmp_path / "off"
+    assert run_inprocess(tiny_args(corpus, out, *RUN, "--save-every-minutes", "0", "--keep-last", "10")) == 0
+    assert [n for n, _ in ckpt.step_dirs(out / "checkpoints")] == [4]
+
+
+def test_resume_under_other_settings_is_refused_by_name(corpus, tmp_path, capfd):
+    out = tmp_path / "r"
+    assert run_inprocess(tiny_args(corpus, out, *RUN, "--halt-at-step", "2")) == 0
+    capfd.readouterr()
+    assert run_inprocess(tiny_args(corpus, out, *RUN[:-1], "3e-3", "--seq-len", "16")) == 2
+    err = capfd.readouterr().err
+    assert "--lr 0.003 (the checkpoint has 0.001)" in err and "--seq-len 16 (the checkpoint has 32)" in err
+    assert "--resume never --overwrite" in err and ckpt.step_dirs(out / "checkpoints")[-1][0] == 2
+    # what may change on resume does not count: the run finishes with a longer schedule
+    assert run_inprocess(tiny_args(corpus, out, *RUN, "--max-steps", "5", "--log-every", "2")) == 0
+    assert len(train_losses(out)) >= 3
+
+
+def test_saved_config_reads_back_to_the_same_run(corpus, tmp_path):
+    first = tmp_path / "a"
+    assert run_inprocess(tiny_args(corpus, first, *RUN, "--dropout", "0.1")) == 0
+    text = (first / "config.toml").read_text()
+    assert "lr = 0.001  # flag" in text and "backend = \"ddp\"  # auto" in text and "beta2 = 0.999  # default" in text
+    again = tmp_path / "b"
+    assert run_inprocess(["--config", str(first / "config.toml"), "--output-dir", str(again)]) == 0
+    assert train_losses(again) == train_losses(first)
+
+
+def test_yaml_config_and_clear_errors(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("optim:\n  lr: 0.002\ntrain:\n  micro_batch_size: 4\n")
+    cfg = parse_args(["--config", str(y)])
+    assert cfg.optim.lr == 0.002 and cfg.train.micro_batch_size == 4
+    y.write_text("optim: [lr: 1\n")
+    with pytest.raises(UserError, match="is not valid YAML"):
+        parse_args(["--config", str(y)])
+    j = tmp_path / "run.json"
+    j.write_text("optim:\n  lr: 0.002\n")  # YAML in a .json file: named as JSON, with the fix
+    with pytest.raises(UserError, match="is not valid JSON"):
+        parse_args(["--config", str(j)])
+
+
+def test_final_is_the_best_validation_checkpoint_with_a_model_card(corpus, tmp_path):
+    """lr high enough to overfit the tiny corpus: val loss goes down, then up. OUT/final holds the best step's
+    weights (bit-equal to checkpoints/best), the report and the card name it, and early stopping ends the run."""
+    import json
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "best"
+    args = tiny_args(corpus, out, "--global-batch-size", "4", "--micro-batch-size", "2", "--max-steps", "60", "--eval-every", "2",
+                     "--lr", "3e-2", "--min-lr", "3e-2", "--warmup-steps", "0", "--val-fraction", "0.3", "--keep-last", "1",
+                     "--early-stopping-patience", "3", "--sample-every", "1000")
+    assert run_inprocess(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    best_step, best_loss = min(val, key=lambda v: v[1])
+    assert len(train_losses(out)) < 60, "early stopping ended the run"
+    assert json.loads((out / "checkpoints" / "best" / "best.json").read_text()) == {"step": best_step, "val_loss": best_loss}
+    assert best_step != val[-1][0], "the tiny corpus overfits: the best is not the last validation"
+
+    def weights(d):
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    final, best = weights(out / "final"), weights(out / "checkpoints" / "best")
+    assert final.keys() == best.keys() and all((final[k] == best[k]).all() for k in final)
+    last = weights(ckpt.step_dirs(out / "checkpoints")[-1][1])
+    assert any((final[k] != last[k]).any() for k in final)
+    card = (out / "final" / "README.md").read_text()
+    assert f"step {best_step} (lowest validation loss)" in card and "license: mit" in card and "Intended use" in card
+    assert f"step {best_step}, the best val loss" in (out / "report.md").read_text()
+    assert ckpt.verify(out / "final") is None
+    from transformers import GPT2LMHeadModel
+
+    GPT2LMHeadModel.from_pretrained(out / "final")  # the card does not disturb loading
+
+
+def test_final_last_and_default_length(corpus, tmp_path):
+    from greentext_dist.train import DEFAULT_STEPS, Corpus, plan_run
+    from greentext_dist.dist import DistEnv
+    import torch
+
+    out = tmp_path / "last"
+    assert run_inprocess(tiny_args(corpus, out, *RUN, "--eval-every", "2", "--final", "last")) == 0
+    assert not (out / "checkpoints" / "best").exists() and "the last step" in (out / "report.md").read_text()
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    small = parse_args(["--micro-batch-size", "8"])
+    assert plan_run(small, env, Corpus(posts=1880, tokens=200_000, rows=195)).max_steps == DEFAULT_STEPS == 300
+    assert plan_run(small, env, Corpus(posts=10**6, tokens=10**9, rows=10**6)).max_steps == 3 * 10**6 // 512
+    assert plan_run(parse_args(["--epochs", "1", "--global-batch-size", "64", "--micro-batch-size", "8"]), env,
+                    Corpus(posts=1880, tokens=200_000, rows=195)).max_steps == 3
+
+
+def test_interrupted_best_replacement_keeps_a_complete_copy(tmp_path):
+    import shutil
+
+    root = tmp_path / "checkpoints"
+    done = root / ".tmp-best"
+    done.mkdir(parents=True)
+    (done / "model.safetensors").write_bytes(b"x" * 10)
+    ckpt.write_manifest(done)
+    shutil.copytree(done, root / ".del-best")
+    (root / ".del-best" / "model.safetensors").write_bytes(b"y")  # damaged: not chosen
+    ckpt.remove_partial_saves(root)
+    assert (root / "best" / "model.safetensors").read_bytes() == b"x" * 10 and not (root / ".tmp-best").exists()
+    assert not (root / ".del-best").exists()

@@ -79,6 +79,8 @@ class TrainConfig:
     early_stopping_patience: int = _f(0, "stop after this many validations in a row without a new best val loss (0: never)")
     max_bad_steps: int = _f(0, "steps with a non-finite loss or gradient norm to skip before stopping (0: stop at the first)")
     sample_every: int = _f(0, "steps between greentext samples for a fixed prompt set, written to OUT/samples.jsonl (0: off)")
+    report_to: str = _f("none", "also send metrics to tensorboard and/or wandb (comma list; rank 0; wandb is offline unless "
+                        "WANDB_API_KEY or WANDB_MODE=online)")
     peak_tflops: float | None = _f(None, "device bf16 peak for MFU (default: from the GPU name; none on CPU)")
 
 
@@ -295,6 +297,9 @@ def validate(cfg: Config) -> None:
         from greentext_dist.data import parse_mix
 
         parse_mix(d.mix)
+    from greentext_dist.tracking import parse_report_to
+
+    parse_report_to(t.report_to)
     if not 0 <= d.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {d.val_fraction}", "use e.g. 0.05")
     if not 0 <= cfg.model.dropout < 1:

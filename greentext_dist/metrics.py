@@ -7,8 +7,8 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool, trackers=None):
+        self.path, self.enabled, self.trackers = path, enabled, trackers
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,6 +23,8 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.trackers:
+                self.trackers.log(record)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -42,6 +42,7 @@ from greentext_dist import perf, plan as planner, rundir
 from greentext_dist.report import write_report
 from greentext_dist.signals import GracefulStop
 from greentext_dist.tokenizer import load_tokenizer
+from greentext_dist.tracking import Trackers, parse_report_to
 from greentext_dist.ui import TrainProgress, console, fail, setup_logging, summary_table
 
 log = logging.getLogger("greentext_dist")
@@ -451,7 +452,9 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
     resume_step = progress.step if state else None
     run = Run(cfg, env, spec, layout, tokenizer, train_stream, val, corpus, val_corpus, plan, mem, engine, resume_from, state,
               Checkpointer(out, cfg, engine, tokenizer, resume_step, state), progress, out,
-              MetricsLog(out / "metrics.jsonl", resume_step, env.is_main), MetricsLog(out / "samples.jsonl", resume_step, env.is_main))
+              MetricsLog(out / "metrics.jsonl", resume_step, env.is_main,
+                         Trackers(parse_report_to(cfg.train.report_to), out, cfg.to_dict(), to_toml(cfg, sources), env.is_main)),
+              MetricsLog(out / "samples.jsonl", resume_step, env.is_main))
     if env.is_main:
         print_summary(run, sources)
     if state and state["max_steps"] != plan.max_steps:
@@ -561,8 +564,11 @@ def model_card(run: Run, final_step: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     run = setup(*parse_args_with_sources(argv))
-    if fit(run):
-        finish(run)
+    try:
+        if fit(run):
+            finish(run)
+    finally:
+        run.metrics.trackers.close()
     return 0
 
 

@@ -129,3 +129,56 @@ def test_interrupted_best_replacement_keeps_a_complete_copy(tmp_path):
     ckpt.remove_partial_saves(root)
     assert (root / "best" / "model.safetensors").read_bytes() == b"x" * 10 and not (root / ".tmp-best").exists()
     assert not (root / ".del-best").exists()
+
+
+def test_tensorboard_gets_the_same_metrics(corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from greentext_dist.metrics import read_metrics
+
+    out = tmp_path / "tb"
+    assert run_inprocess(tiny_args(corpus, out, *RUN[:-4], "--eval-every", "2", "--lr", "1e-3", "--report-to", "tensorboard")) == 0
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    want = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+    got = {e.step: e.value for e in acc.Scalars("loss")}
+    assert got.keys() == want.keys() and all(abs(got[s] - want[s]) < 1e-5 for s in want)
+    assert [e.step for e in acc.Scalars("val_loss")] == [2, 4] and "tokens_per_s" in acc.Tags()["scalars"]
+    assert "lr = 0.001  # flag" in acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_files(corpus, tmp_path):
+    pytest.importorskip("wandb")
+    import json
+
+    from conftest import launch
+
+    out = tmp_path / "wb"
+    p = launch(tiny_args(corpus, out, *RUN, "--report-to", "wandb"), launcher="python",
+               env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_API_KEY": ""})
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    logs = list(runs[0].glob("run-*.wandb")) if len(runs) == 1 else []
+    assert logs, "one offline run with its log"
+    # The offline log is wandb's protobuf record stream; metric values are stored as their JSON text.
+    data = logs[0].read_bytes()
+    assert all(json.dumps(loss).encode() in data for loss in train_losses(out))
+    assert b"global_batch_size" in data and b"tokens_per_s" in data
+
+
+def test_bad_report_to_and_offline_push_are_one_line(corpus, tmp_path, capfd, monkeypatch):
+    with pytest.raises(UserError, match="unknown tracker mlflow"):
+        parse_args(["--report-to", "tensorboard,mlflow"])
+    from greentext_dist import push
+
+    out = tmp_path / "p"
+    assert run_inprocess(tiny_args(corpus, out, *RUN)) == 0
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    push.hub_offline.cache_clear()
+    assert push.main([str(out / "final"), "--repo-id", "me/greentext"]) == 2
+    err = capfd.readouterr().err
+    assert "hub is unreachable" in err and "Traceback" not in err
+    assert push.main([str(tmp_path), "--repo-id", "me/greentext"]) == 2
+    assert "not a Hugging Face model directory" in capfd.readouterr().err

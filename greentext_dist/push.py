@@ -1,0 +1,54 @@
+"""Publish a trained model (OUT/final: weights, tokenizer, model card) to the Hugging Face hub.
+
+    python -m greentext_dist.push OUT/final --repo-id you/gpt2-greentext [--private]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from greentext_dist.errors import UserError
+from greentext_dist.hub import hub_offline
+from greentext_dist.model import check_gpt2_dir
+from greentext_dist.ui import console, fail
+
+
+def push(folder: str, repo_id: str, private: bool = False) -> str:
+    check_gpt2_dir(folder, "folder")
+    if hub_offline():
+        raise UserError("the Hugging Face hub is unreachable from this machine",
+                        f"copy {folder} to a machine with network access and run this command there (the folder is self-contained)")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        api.whoami()
+    except Exception:  # noqa: BLE001 - no token, an expired token and a bad endpoint all mean "not logged in" here
+        raise UserError("not logged in to the Hugging Face hub", "run `hf auth login` (or set HF_TOKEN) and try again") from None
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="greentext_dist: upload fine-tuned GPT-2")
+    except HfHubHTTPError as e:
+        raise UserError(f"the hub refused the upload to {repo_id}: {str(e).splitlines()[0]}",
+                        "check the repo id and that your token may write to it") from None
+    return getattr(info, "commit_url", f"https://huggingface.co/{repo_id}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="greentext_dist.push", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="a model folder, e.g. OUT/final")
+    p.add_argument("--repo-id", required=True, help="NAME or USER/NAME on the hub")
+    p.add_argument("--private", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        console.print(f"[green]pushed:[/] {push(a.folder, a.repo_id, a.private)}")
+        return 0
+    except UserError as e:
+        fail(str(e))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

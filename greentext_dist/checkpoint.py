@@ -40,7 +40,16 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def write_manifest(folder: Path) -> None:
+    """manifest.json: size and sha256 of every file. Files are made readable as the umask allows (some writers
+    create 0600 files), so a group can read a shared checkpoint or final model."""
+    for p in folder.rglob("*"):
+        if p.is_file():
+            os.chmod(p, 0o666 & ~_UMASK)
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
@@ -109,6 +118,9 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
         return found
     if not path.is_dir():
         raise UserError(f"--resume {resume} does not exist", "pass OUT/checkpoints/step-N, auto or never")
+    if not (path / TRAIN_STATE / "trainer.json").is_file():
+        raise UserError(f"--resume {resume} holds no training state (an exported model, not a checkpoint)",
+                        f"resume from OUT/checkpoints/step-N, or start a new run from these weights: --model-path {resume} --resume never")
     problem = verify(path)
     if problem:
         raise UserError(f"checkpoint {resume} is unusable: {problem}", "resume from an older step-N folder")
@@ -144,7 +156,8 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, tokenize
         os.replace(tmp, final)
         _fsync_dir(root)
         atomic_write_text(root / "latest", final.name + "\n")
-        for _, old in step_dirs(root)[:-keep_last]:
+        others = [d for _, d in step_dirs(root) if d != final]  # by step number; never the one just written
+        for old in others[:max(0, len(others) - (keep_last - 1))]:
             # Renamed first, so a kill mid-delete never leaves a half-deleted folder that looks like a checkpoint.
             gone = root / f".del-{old.name}"
             os.replace(old, gone)
@@ -189,7 +202,7 @@ def _collectively(fn, env, tmp: Path, step: int) -> None:
     error = None
     try:
         fn()
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - any failure on one rank must reach the others, not leave them in the all-reduce
         error = e
     failed = all_reduce_sum(torch.tensor([1.0 if error else 0.0], device=env.device)).item() > 0
     if failed:
@@ -197,8 +210,8 @@ def _collectively(fn, env, tmp: Path, step: int) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         latest = tmp.parent / "latest"
         previous = latest.read_text().strip() if latest.exists() else None
-        where = error.filename if error and error.filename else str(tmp)
-        why = error.strerror if error else "another rank failed to write its part"
+        where = getattr(error, "filename", None) or str(tmp)
+        why = (getattr(error, "strerror", None) or f"{type(error).__name__}: {error}") if error else "another rank failed to write its part"
         raise UserError(
             f"saving checkpoint step-{step} failed: {why} ({where}); the partial save was removed"
             + (f" and {previous} is intact" if previous else ""),

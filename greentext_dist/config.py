@@ -95,7 +95,8 @@ class CheckpointConfig:
     final: str = _f("best", "OUT/final holds the weights with the lowest validation loss (best; kept in checkpoints/best outside the rotation) "
                     "or of the last step (last); without validation it is always the last", ["best", "last"])
     resume: str = _f("auto", "auto (newest checkpoint in output dir), never, or a checkpoint path")
-    overwrite: bool = _f(False, "with --resume never: delete the checkpoints an earlier run left in --output-dir")
+    overwrite: bool = _f(False, "with --resume never: delete the checkpoints an earlier run left in --output-dir; with --resume of an "
+                         "older checkpoint: delete the newer ones and branch from it")
 
 
 @dataclass

@@ -72,15 +72,26 @@ def text_getter(example: dict, text_field: str | None, source: str) -> Callable[
     if text_field:
         if text_field not in example:
             raise UserError(f"dataset {source} has no field '{text_field}' (fields: {', '.join(example)})", "pass one of those to --text-field")
-        return lambda ex: ex[text_field] or ""
-    if "text" in example:
-        return lambda ex: ex["text"] or ""
-    if "prompt" in example and "completion" in example:
-        return lambda ex: (ex["prompt"] or "") + (ex["completion"] or "")
-    raise UserError(
-        f"dataset {source} has no 'text' or 'prompt'+'completion' field (fields: {', '.join(example)})",
-        "pass --text-field NAME",
-    )
+        fields = (text_field,)
+    elif "text" in example:
+        fields = ("text",)
+    elif "prompt" in example and "completion" in example:
+        fields = ("prompt", "completion")
+    else:
+        raise UserError(
+            f"dataset {source} has no 'text' or 'prompt'+'completion' field (fields: {', '.join(example)})",
+            "pass --text-field NAME",
+        )
+
+    def get(ex: dict) -> str:
+        parts = [ex[f] for f in fields]
+        for f, v in zip(fields, parts):
+            if v is not None and not isinstance(v, str):
+                raise UserError(f"dataset {source}: field '{f}' holds a {type(v).__name__} ({str(v)[:40]!r}), not text",
+                                f"make '{f}' a string in every record, or pick another field with --text-field")
+        return "".join(v or "" for v in parts)
+
+    return get
 
 
 def parse_mix(specs: list[str]) -> list[tuple[str, float]]:

@@ -19,7 +19,7 @@ import torch
 
 from greentext_dist.engines.base import autocast
 from greentext_dist.errors import UserError
-from greentext_dist.ui import console, fail, setup_logging
+from greentext_dist.ui import console, fail, results, setup_logging
 
 
 def val_loss(model, tokenizer, a, env) -> dict:
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="greentext_dist.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final)")
     p.add_argument("--task", required=True, choices=["val-loss", "hellaswag", "robustness"])
+    p.add_argument("--log-samples", default=None, help="hellaswag: write each item's scores (log-probs, picks, acc, acc_norm) to this .jsonl")
     p.add_argument("--output", default=None, help="write the result as JSON here")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU")
@@ -146,9 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e))
         return 2
     result["checkpoint"] = a.checkpoint
+    per_item = result.pop("per_item", None)
+    if env.is_main and a.log_samples and per_item is not None:
+        Path(a.log_samples).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.log_samples).write_text("".join(json.dumps(r) + "\n" for r in per_item))
     if env.is_main:
         shown = {k: v for k, v in result.items() if k != "samples"}
-        console.print_json(json.dumps(shown))
+        results.print_json(json.dumps(shown))
         if a.output:
             Path(a.output).parent.mkdir(parents=True, exist_ok=True)
             Path(a.output).write_text(json.dumps(result, indent=1) + "\n")

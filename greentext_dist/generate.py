@@ -16,7 +16,7 @@ from rich.text import Text
 from greentext_dist.errors import UserError
 from greentext_dist.model import check_gpt2_dir, load_weights, true_vocab
 from greentext_dist.tokenizer import load_tokenizer
-from greentext_dist.ui import console, fail, setup_logging
+from greentext_dist.ui import fail, results, setup_logging
 
 
 def as_greentext(prompt: str) -> str:
@@ -65,9 +65,9 @@ def generate_batch(model, tokenizer, texts: list[str], *, num_samples: int = 1, 
 
 def show(samples: list[str]) -> None:
     for i, s in enumerate(samples):
-        console.rule(f"sample {i + 1}", style="dim")
+        results.rule(f"sample {i + 1}", style="dim")
         for line in s.split("\n"):
-            console.print(Text(line, style="green" if line.startswith(">") else ""))
+            results.print(Text(line, style="green" if line.startswith(">") else ""))
 
 
 def load(ckpt: str, device: str | None = None):

@@ -7,6 +7,8 @@ joined string adds). acc = argmax of the sum; acc_norm = argmax of the sum / len
 
 from __future__ import annotations
 
+import math
+
 import re
 from pathlib import Path
 
@@ -108,21 +110,28 @@ def continuation_logprobs(model, reqs: list[tuple[list[int], int]], batch_size: 
     return sums
 
 
-def score(items: list[dict], sums: list[float]) -> tuple[int, int]:
-    """(correct by acc, correct by acc_norm) over items, given each ending's summed log-prob in order."""
-    acc = acc_norm = k = 0
+def score(items: list[dict], sums: list[float]) -> list[dict]:
+    """Per item: the ending picked by summed log-prob (acc) and by log-prob per character (acc_norm, as the
+    harness divides by the ending's length; an ending empty after cleaning counts as one character)."""
+    out, k = [], 0
     for it in items:
         s = sums[k:k + len(it["endings"])]
         k += len(it["endings"])
-        acc += int(max(range(len(s)), key=lambda j: s[j]) == it["label"])
-        normed = [v / len(e) for v, e in zip(s, it["endings"])]
-        acc_norm += int(max(range(len(s)), key=lambda j: normed[j]) == it["label"])
-    return acc, acc_norm
+        normed = [v / max(len(e), 1) for v, e in zip(s, it["endings"])]
+        pred, pred_norm = max(range(len(s)), key=lambda j: s[j]), max(range(len(s)), key=lambda j: normed[j])
+        out.append({"label": it["label"], "pred": pred, "pred_norm": pred_norm, "acc": int(pred == it["label"]),
+                    "acc_norm": int(pred_norm == it["label"]), "logprobs": s})
+    return out
+
+
+def stderr_of_mean(p: float, n: int) -> float:
+    """lm-evaluation-harness's standard error of a mean of 0/1 scores: sample std (ddof 1) / sqrt(n)."""
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
 
 
 def evaluate_hellaswag(model, tokenizer, items: list[dict], rank: int, world: int, batch_size: int, device) -> dict:
-    """This rank scores items rank, rank + world, ...; counts are summed over ranks."""
-    from greentext_dist.dist import all_reduce_sum
+    """This rank scores items rank, rank + world, ...; per-item scores are gathered to every rank."""
+    import torch.distributed as dist
 
     mine = items[rank::world]
     # Longest first: fewer padded tokens per batch (order does not change any score).
@@ -132,7 +141,13 @@ def evaluate_hellaswag(model, tokenizer, items: list[dict], rank: int, world: in
     sums = [0.0] * len(reqs)
     for i, v in zip(order, sorted_sums):
         sums[i] = v
-    acc, acc_norm = score(mine, sums)
-    totals = all_reduce_sum(torch.tensor([acc, acc_norm, len(mine)], dtype=torch.float64, device=device))
-    n = int(totals[2])
-    return {"task": "hellaswag", "n": n, "acc": totals[0].item() / n, "acc_norm": totals[1].item() / n}
+    scored = [{"index": rank + j * world, **r} for j, r in enumerate(score(mine, sums))]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, scored)
+        scored = [r for part in everyone for r in part]
+    per_item = sorted(scored, key=lambda r: r["index"])
+    n = len(per_item)
+    acc, acc_norm = sum(r["acc"] for r in per_item) / n, sum(r["acc_norm"] for r in per_item) / n
+    return {"task": "hellaswag", "n": n, "acc": acc, "acc_stderr": stderr_of_mean(acc, n), "acc_norm": acc_norm,
+            "acc_norm_stderr": stderr_of_mean(acc_norm, n), "per_item": per_item}

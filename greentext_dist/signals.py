@@ -9,7 +9,8 @@ import signal
 import torch
 import torch.distributed as dist
 
-NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1", signal.SIGINT: "SIGINT"}
+# SIGUSR1 does not exist on Windows: there, SIGTERM and SIGINT still stop gracefully.
+NAMES = {getattr(signal, name): name for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name)}
 
 
 class GracefulStop:

@@ -26,7 +26,7 @@ def bundled_gpt2() -> GPT2TokenizerFast:
     with open(os.path.join(data, "vocab.bpe"), encoding="utf-8") as f:
         merges = [tuple(line.split()) for line in f.read().split("\n")[1:] if line]
     # Paths passed as vocab_file=/merges_file= silently give an empty tokenizer in transformers 5; pass the data.
-    return GPT2TokenizerFast(vocab=vocab, merges=merges, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+    return GPT2TokenizerFast(vocab=vocab, merges=merges, bos_token=EOS, eos_token=EOS, unk_token=EOS, model_max_length=1024)
 
 
 def load_tokenizer(name: str = "gpt2") -> PreTrainedTokenizerBase:

@@ -9,18 +9,26 @@ Reads top to bottom: setup(cfg) -> Run (data, plan, engine, resume point), fit(r
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    # Run as a file: import the package beside this folder, and don't let its modules shadow others.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__":
+    import signal
+
+    # Ctrl-C during the imports and set-up: one line, no traceback (the graceful handler takes over in fit).
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("error: interrupted outside the training steps; checkpoints on disk "
+                                                            "are intact. Fix: rerun the same command to resume\n"), os._exit(130)))
+    if not __package__:
+        # Run as a file: import the package beside this folder, and don't let its modules shadow others.
+        sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import dataclasses
 import logging
 import math
-import os
+import shutil
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -386,6 +394,24 @@ def check_same_run(cfg: Config, state: dict, resume_from: Path) -> None:
         )
 
 
+def retire_newer(root: Path, step: int, overwrite: bool) -> None:
+    """Resuming an older checkpoint while newer ones exist would mix two histories (and rotation would sort
+    them by step): refuse, or with --overwrite delete the newer ones and branch from this step."""
+    newer = [d for n, d in ckpt.step_dirs(root) if n > step]
+    if not newer:
+        return
+    names = ", ".join(d.name for d in newer)
+    if not overwrite:
+        raise UserError(f"resuming step-{step} while newer checkpoints exist ({names}): the run would mix two histories",
+                        f"resume the newest (--resume auto), or add --overwrite to delete {names} and branch from step-{step}")
+    for d in newer:
+        log.warning(f"--overwrite: deleting {d} to branch from step-{step}")
+        gone = d.with_name(f".del-{d.name}")
+        os.replace(d, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+    ckpt.atomic_write_text(root / "latest", f"step-{step}\n")
+
+
 def setup(cfg: Config, sources: dict | None = None) -> Run:
     """Everything before the first step: the engine chosen, the data counted and planned, the resume point found,
     the model built and its state loaded, and the start summary printed. `sources`: where each set value came from."""
@@ -403,6 +429,8 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
     # Resume point (rank 0 verifies checksums once) and the model's shape, read without loading weights.
     resume_from = on_main(ckpt.resolve_resume, cfg.checkpoint.resume, out / "checkpoints")
     state = ckpt.read_trainer_state(resume_from) if resume_from else None
+    if state:
+        on_main(retire_newer, out / "checkpoints", state["step"], cfg.checkpoint.overwrite)
     if state and state["world_size"] != env.world_size and ENGINES[state["backend"]].same_world_to_resume:
         raise UserError(
             f"checkpoint {resume_from} was written by {state['world_size']} ranks with {state['backend']}, this run has {env.world_size}",
@@ -563,13 +591,56 @@ def model_card(run: Run, final_step: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run = setup(*parse_args_with_sources(argv))
+    return main_with(*parse_args_with_sources(argv))
+
+
+def main_with(cfg: Config, sources: dict) -> int:
+    run = setup(cfg, sources)
     try:
         if fit(run):
             finish(run)
     finally:
         run.metrics.trackers.close()
     return 0
+
+
+def to_argv(settings: dict) -> list[str]:
+    """train(model="small", max_steps=10, mix=["hellaswag=0.1"], compile=False) -> the same as the CLI flags."""
+    argv = []
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                argv += [flag, str(v)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def api(**settings) -> Path:
+    """The Python API: `from greentext_dist import train; train(model="small", dataset="posts.jsonl")`. Takes the
+    CLI's settings as keywords, raises UserError on bad input, returns OUT/final. Can be called again in the same
+    process: the output-dir lock and the process group are released whatever happens."""
+    try:
+        cfg, sources = parse_args_with_sources(to_argv(settings))
+        main_with(cfg, sources)
+        return Path(cfg.checkpoint.output_dir) / "final"
+    finally:
+        while _claimed:
+            rundir.release(_claimed.pop())
+        shutdown()
+
+
+class _CallableModule(types.ModuleType):
+    """`from greentext_dist import train` gives this module; calling it runs `api`."""
+
+    def __call__(self, **settings) -> Path:
+        return api(**settings)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -587,7 +658,7 @@ def cli(argv: list[str] | None = None) -> int:
         shutdown()
 
 
-if __name__ == "__main__":
+def run_cli() -> None:
     code = cli()
     # All work is saved and the process group is gone. Skip interpreter teardown: with gloo, torch's
     # background threads occasionally abort there ("terminate called without an active exception"),
@@ -596,3 +667,7 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    run_cli()

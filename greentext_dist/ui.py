@@ -12,7 +12,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False)  # progress, logs, errors
+results = Console(highlight=False)  # what a command produces (samples, scores): stdout, so it can be piped
 
 
 def setup_logging(rank: int) -> None:

@@ -16,12 +16,13 @@ PLUGIN = Path(__file__).resolve().parent / "plugin"
 ENV = "GREENTEXT_FAULTS"  # read by tests/plugin/sitecustomize.py only
 
 
-def patches(nan_steps=(), disk_full: bool = False, crash_in_save: bool = False) -> list[tuple[object, str, object]]:
+def patches(nan_steps=(), disk_full: bool = False, crash_in_save: bool = False, save_error_on_rank: int | None = None) -> list[tuple[object, str, object]]:
     """(module, attribute, replacement) for each fault.
 
     nan_steps: optimizer steps (1-based) whose training loss is multiplied by NaN (validation untouched).
     disk_full: every save fails with ENOSPC after the ranks wrote their files.
-    crash_in_save: the process dies (exit 17) after a save's files are written, before it is published."""
+    crash_in_save: the process dies (exit 17) after a save's files are written, before it is published.
+    save_error_on_rank: that rank fails a save with a RuntimeError (not an OSError) while the others succeed."""
     import torch
 
     from greentext_dist import checkpoint, loss, optim
@@ -43,6 +44,15 @@ def patches(nan_steps=(), disk_full: bool = False, crash_in_save: bool = False) 
     if disk_full:
         def rng_state():  # the last file every rank writes in a save
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "model.safetensors")
+
+        out.append((checkpoint, "rng_state", rng_state))
+    if save_error_on_rank is not None:
+        real_rng_state = checkpoint.rng_state
+
+        def rng_state():
+            if int(os.environ.get("RANK", "0")) == save_error_on_rank:
+                raise RuntimeError("injected failure on one rank")
+            return real_rng_state()
 
         out.append((checkpoint, "rng_state", rng_state))
     if crash_in_save:

@@ -182,3 +182,127 @@ def test_bad_report_to_and_offline_push_are_one_line(corpus, tmp_path, capfd, mo
     assert "hub is unreachable" in err and "Traceback" not in err
     assert push.main([str(tmp_path), "--repo-id", "me/greentext"]) == 2
     assert "not a Hugging Face model directory" in capfd.readouterr().err
+
+
+def test_python_api_runs_twice_in_one_process(corpus, tmp_path):
+    from greentext_dist import train
+
+    settings = dict(model="tiny", dataset=str(corpus), seq_len=32, precision="fp32", dropout=0.0, global_batch_size=4,
+                    micro_batch_size=2, max_steps=3, eval_every=0, max_shard_size="5MB")
+    first = train(output_dir=str(tmp_path / "a"), **settings)
+    second = train(output_dir=str(tmp_path / "b"), **settings)  # the lock and process group of the first are released
+    assert first == tmp_path / "a" / "final" and second.is_dir()
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    with pytest.raises(UserError, match="--lr must be positive"):
+        train(output_dir=str(tmp_path / "c"), lr=-1.0, **settings)
+    assert not (tmp_path / "a" / ".lock").exists()
+
+
+def test_final_is_group_readable_and_tokenizer_knows_its_length(corpus, tmp_path):
+    import json
+    import stat
+
+    out = tmp_path / "m"
+    assert run_inprocess(tiny_args(corpus, out, *RUN)) == 0
+    for f in (out / "final").iterdir():
+        assert f.stat().st_mode & stat.S_IRGRP, f.name
+    assert json.loads((out / "final" / "tokenizer_config.json").read_text())["model_max_length"] == 1024
+
+
+def test_more_errors_are_one_line(corpus, tmp_path, capfd):
+    import json
+
+    out = tmp_path / "e"
+    assert run_inprocess(tiny_args(corpus, out, *RUN)) == 0
+    capfd.readouterr()
+    cases = {
+        "resume an exported model": (tiny_args(corpus, tmp_path / "e2", *RUN, "--resume", str(out / "final")),
+                                     "holds no training state"),
+        "engine switch on resume": (tiny_args(corpus, out, *RUN[:5], "6", *RUN[6:], "--backend", "fsdp"),
+                                    "--backend 'fsdp' (the checkpoint has 'ddp')"),
+    }
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": ">be me"}) + "\n" + json.dumps({"text": 5}) + "\n")
+    cases["text that is not a string"] = (tiny_args(bad, tmp_path / "e3", *RUN), "field 'text' holds a int")
+    for name, (args, expected) in cases.items():
+        assert run_inprocess(args) == 2, name
+        err = capfd.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, (name, err[-1500:])
+
+
+def test_branching_from_an_older_checkpoint(corpus, tmp_path, capfd):
+    out = tmp_path / "br"
+    args = tiny_args(corpus, out, *RUN[:5], "6", *RUN[6:], "--save-every", "2", "--keep-last", "3")
+    assert run_inprocess(args) == 0
+    assert [n for n, _ in ckpt.step_dirs(out / "checkpoints")] == [2, 4, 6]
+    capfd.readouterr()
+    assert run_inprocess([*args, "--resume", str(out / "checkpoints" / "step-4")]) == 2
+    assert "newer checkpoints exist (step-6)" in capfd.readouterr().err
+    assert run_inprocess([*args[:-2], "--keep-last", "1", "--save-every", "1", "--resume", str(out / "checkpoints" / "step-4"),
+                          "--overwrite"]) == 0
+    assert [n for n, _ in ckpt.step_dirs(out / "checkpoints")] == [6]  # the branch's own step 6; step 5 rotated, never the new one
+    assert len(train_losses(out)) == 6 and (out / "checkpoints" / "latest").read_text().strip() == "step-6"
+
+
+def test_signals_import_without_sigusr1(monkeypatch):
+    import importlib
+    import signal
+
+    from greentext_dist import signals
+
+    monkeypatch.delattr(signal, "SIGUSR1")
+    try:
+        importlib.reload(signals)
+        assert set(signals.NAMES.values()) == {"SIGTERM", "SIGINT"}
+    finally:
+        monkeypatch.undo()
+        importlib.reload(signals)
+
+
+def test_generate_prints_samples_on_stdout(corpus, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "g"
+    assert run_inprocess(tiny_args(corpus, out, *RUN)) == 0
+    p = subprocess.run([sys.executable, "-m", "greentext_dist.generate", str(out / "final"), "--num-samples", "2", "--max-new-tokens", "8"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0 and p.stdout.count(">be me") == 2 and "sample 2" in p.stdout and ">be me" not in p.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_start_up_is_one_line(corpus, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, TRAIN
+
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *tiny_args(corpus, tmp_path / "c", *RUN)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # Strike while torch is being imported (its library is mapped, training cannot have started): deterministic.
+    for _ in range(2000):
+        maps = open(f"/proc/{proc.pid}/maps").read() if proc.poll() is None else ""
+        if "libtorch" in maps:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted outside the training steps" in err, err[-2000:]
+
+
+@pytest.mark.slow
+def test_a_save_failing_on_one_rank_stops_every_rank(corpus, tmp_path):
+    from conftest import launch
+    from faults import launch_env
+
+    out = tmp_path / "one"
+    p = launch(tiny_args(corpus, out, *RUN, "--save-every", "2"), nproc=2, env=launch_env(save_error_on_rank=1), timeout=180)
+    assert p.returncode != 0
+    assert "saving checkpoint step-2 failed: RuntimeError: injected failure on one rank" in p.stderr
+    assert not list((out / "checkpoints").glob("step-*")) and not list((out / "checkpoints").glob(".tmp-*"))

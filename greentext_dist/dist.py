@@ -55,6 +55,11 @@ def check_launch_environment(env=None) -> None:
                         f"let a launcher set both: {LAUNCHERS}")
 
 
+def mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
+
+
 def init_distributed(timeout_s: int = 1800, single_rank_group: bool = False) -> DistEnv:
     """single_rank_group: start a one-rank group under plain `python` (DeepSpeed needs a process group)."""
     check_launch_environment()
@@ -64,6 +69,8 @@ def init_distributed(timeout_s: int = 1800, single_rank_group: bool = False) -> 
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    elif world_size == 1 and not single_rank_group and mps_available():
+        device = torch.device("mps")  # Apple GPUs: one process with the plain engine (DeepSpeed and FSDP need CUDA or CPU)
     else:
         device = torch.device("cpu")
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for GPUs and warn on every import

@@ -74,7 +74,9 @@ def load(ckpt: str, device: str | None = None):
     check_gpt2_dir(ckpt, "checkpoint")
     tok_source = ckpt if (Path(ckpt) / "tokenizer_config.json").exists() else "gpt2"
     tokenizer = load_tokenizer(tok_source)
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from greentext_dist.dist import mps_available
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     model = load_weights(ckpt, dict(attn_implementation="sdpa")).to(dev).eval()
     return model, tokenizer
 

@@ -306,3 +306,15 @@ def test_a_save_failing_on_one_rank_stops_every_rank(corpus, tmp_path):
     assert p.returncode != 0
     assert "saving checkpoint step-2 failed: RuntimeError: injected failure on one rank" in p.stderr
     assert not list((out / "checkpoints").glob("step-*")) and not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_apple_gpu_is_chosen_for_one_process(monkeypatch):
+    import torch
+
+    from greentext_dist import dist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert dist.init_distributed().device.type == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert dist.init_distributed().device.type == "cpu"

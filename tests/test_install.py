@@ -4,9 +4,11 @@ packaged config."""
 
 import json
 import os
+import site
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -27,8 +29,11 @@ def test_wheel_in_a_fresh_venv_trains_with_packaged_configs(tmp_path):
         assert want in names, want
     # A venv that sees the installed torch and friends (not reinstalled), with the wheel installed non-editable.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
+    # The packages of the environment running this test (itself maybe a venv) stay visible, after the venv's own.
+    venv_site = subprocess.run([py, "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True, text=True).stdout.strip()
+    (Path(venv_site) / "_parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     p = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"

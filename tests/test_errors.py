@@ -1,8 +1,8 @@
 """Bad input: exit code 2, one line that names the problem and the fix, no traceback, nothing written."""
 
-import pytest
 import json
 
+import pytest
 
 from conftest import launch, run_inprocess, tiny_args
 
@@ -109,3 +109,26 @@ def test_more_bad_input_cases(tmp_path, corpus, capfd, monkeypatch):
         assert "Traceback" not in err, name
         assert not (out / "checkpoints").exists(), name
     assert ckpt.verify(ckpt_tiny) is None  # the run's own checkpoint was only read
+
+
+RUN = ["--global-batch-size", "4", "--micro-batch-size", "2", "--max-steps", "4", "--eval-every", "0", "--lr", "1e-3"]
+
+
+def test_more_errors_are_one_line(corpus, tmp_path, capfd):
+    out = tmp_path / "e"
+    assert run_inprocess(tiny_args(corpus, out, *RUN)) == 0
+    capfd.readouterr()
+    cases = {
+        "resume an exported model": (tiny_args(corpus, tmp_path / "e2", *RUN, "--resume", str(out / "final")),
+                                     "holds no training state"),
+        "engine switch on resume": (tiny_args(corpus, out, *RUN[:5], "6", *RUN[6:], "--backend", "fsdp"),
+                                    "--backend 'fsdp' (the checkpoint has 'ddp')"),
+    }
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": ">be me"}) + "\n" + json.dumps({"text": 5}) + "\n")
+    cases["text that is not a string"] = (tiny_args(bad, tmp_path / "e3", *RUN), "field 'text' holds a int")
+    for name, (args, expected) in cases.items():
+        assert run_inprocess(args) == 2, name
+        err = capfd.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, (name, err[-1500:])

@@ -209,28 +209,6 @@ def test_final_is_group_readable_and_tokenizer_knows_its_length(corpus, tmp_path
     assert json.loads((out / "final" / "tokenizer_config.json").read_text())["model_max_length"] == 1024
 
 
-def test_more_errors_are_one_line(corpus, tmp_path, capfd):
-    import json
-
-    out = tmp_path / "e"
-    assert run_inprocess(tiny_args(corpus, out, *RUN)) == 0
-    capfd.readouterr()
-    cases = {
-        "resume an exported model": (tiny_args(corpus, tmp_path / "e2", *RUN, "--resume", str(out / "final")),
-                                     "holds no training state"),
-        "engine switch on resume": (tiny_args(corpus, out, *RUN[:5], "6", *RUN[6:], "--backend", "fsdp"),
-                                    "--backend 'fsdp' (the checkpoint has 'ddp')"),
-    }
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"text": ">be me"}) + "\n" + json.dumps({"text": 5}) + "\n")
-    cases["text that is not a string"] = (tiny_args(bad, tmp_path / "e3", *RUN), "field 'text' holds a int")
-    for name, (args, expected) in cases.items():
-        assert run_inprocess(args) == 2, name
-        err = capfd.readouterr().err
-        lines = [line for line in err.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, (name, err[-1500:])
-
-
 def test_branching_from_an_older_checkpoint(corpus, tmp_path, capfd):
     out = tmp_path / "br"
     args = tiny_args(corpus, out, *RUN[:5], "6", *RUN[6:], "--save-every", "2", "--keep-last", "3")

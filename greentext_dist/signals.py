@@ -27,12 +27,16 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.signum = signum
 
+    def agree(self, flag: bool) -> bool:
+        """Collective on the CPU group: true on every rank if it is true on any (never waits on the GPU)."""
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        if self.group is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
     def requested(self) -> bool:
         """Collective: true on every rank as soon as any rank got a signal."""
-        flag = torch.tensor([1 if self.signum else 0], dtype=torch.int32)
-        if self.group is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        return self.agree(bool(self.signum))
 
     @property
     def name(self) -> str:

@@ -341,18 +341,16 @@ class Checkpointer:
         self.last_saved, self.saved_at = step, time.monotonic()
         return path
 
-    def due(self, step: int, max_steps: int) -> bool:
+    def due(self, step: int, max_steps: int, agree) -> bool:
         """Every --save-every steps, and once --save-every-minutes have passed since the last save (rank 0's clock,
-        agreed by all ranks in one tiny all-reduce, so every rank joins the same save)."""
+        agreed by all ranks through `agree`, the stop vote's CPU all-reduce, so every rank joins the same save)."""
         if step == max_steps:
             return False
         if self.c.save_every and step % self.c.save_every == 0:
             return True
         if self.c.save_every_minutes <= 0:
             return False
-        env = self.engine.env
-        late = env.is_main and time.monotonic() - self.saved_at >= 60 * self.c.save_every_minutes
-        return all_reduce_sum(torch.tensor([1.0 if late else 0.0], device=env.device)).item() > 0
+        return agree(self.engine.env.is_main and time.monotonic() - self.saved_at >= 60 * self.c.save_every_minutes)
 
     def ensure(self, step: int, trainer_state) -> Path:
         """The checkpoint of this step, written now unless it already is. `trainer_state` is called only if needed."""
@@ -461,8 +459,9 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
         if getattr(cfg.model, name) is None:
             sources[("model", name)] = "auto"
     cfg = resolve(cfg, env, spec, shape)
+    settings_toml = to_toml(cfg, sources)
     if env.is_main:
-        ckpt.atomic_write_text(out / "config.toml", to_toml(cfg, sources))
+        ckpt.atomic_write_text(out / "config.toml", settings_toml)
     mem = memory_plan(cfg, env, spec, shape, cfg.model.gradient_checkpointing)
 
     torch.manual_seed(cfg.train.seed)
@@ -481,7 +480,7 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
     run = Run(cfg, env, spec, layout, tokenizer, train_stream, val, corpus, val_corpus, plan, mem, engine, resume_from, state,
               Checkpointer(out, cfg, engine, tokenizer, resume_step, state), progress, out,
               MetricsLog(out / "metrics.jsonl", resume_step, env.is_main,
-                         Trackers(parse_report_to(cfg.train.report_to), out, cfg.to_dict(), to_toml(cfg, sources), env.is_main)),
+                         Trackers(parse_report_to(cfg.train.report_to), out, cfg.to_dict(), settings_toml, env.is_main)),
               MetricsLog(out / "samples.jsonl", resume_step, env.is_main))
     if env.is_main:
         print_summary(run, sources)
@@ -544,7 +543,7 @@ def fit(run: Run) -> bool:
             if t.sample_every and p.step % t.sample_every == 0:
                 write_samples(engine, run.tokenizer, cfg, env, p.step, samples)
                 bar.note(f"step {p.step}: samples in {run.out / 'samples.jsonl'}")
-            if checkpoints.due(p.step, max_steps):
+            if checkpoints.due(p.step, max_steps, stop.agree):
                 checkpoints.save(p.step, trainer_state(run))
             if early_stop:
                 bar.note(f"step {p.step}: early stopping, no new best val_loss in {checkpoints.since_best} validations "

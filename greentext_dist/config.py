@@ -42,10 +42,10 @@ class DataConfig:
     val_dataset: str | None = _f(None, "separate validation set (default: hold out --val-fraction of posts)")
     val_fraction: float = _f(0.05, "share of posts held out for validation, chosen by a hash of the post")
     seq_len: int = _f(1024, "tokens per packed training row")
-    shuffle_buffer: int = _f(10_000, "posts in the seeded shuffle buffer")
+    cache_dir: str | None = _f(None, "where token stores live (default: $GREENTEXT_CACHE, else ~/.cache/greentext_dist/tokens); see python -m greentext_dist.prepare")
     mix: list[str] = field(default_factory=list, metadata={"help": "NAME_OR_PATH=WEIGHT (repeatable): interleave another text source into training by weight, e.g. hellaswag=0.1", "choices": None})
     packing: str = _f("concat", "concat: posts joined by <|endoftext|>; isolated: also restart positions and block attention at every post", ["concat", "isolated"])
-    prefetch: int = _f(8, "micro-batches tokenised ahead in a background thread (0: in the training loop)")
+    prefetch: int = _f(8, "micro-batches read from the token store ahead, in a background thread (0: in the training loop)")
 
 
 @dataclass
@@ -277,7 +277,7 @@ def validate(cfg: Config) -> None:
     t, o, d = cfg.train, cfg.optim, cfg.data
     positive = {
         "--global-batch-size": t.global_batch_size, "--micro-batch-size": t.micro_batch_size,
-        "--seq-len": d.seq_len, "--lr": o.lr, "--log-every": t.log_every, "--shuffle-buffer": d.shuffle_buffer,
+        "--seq-len": d.seq_len, "--lr": o.lr, "--log-every": t.log_every,
         "--keep-last": cfg.checkpoint.keep_last,
     }
     if cfg.model.pad_vocab is not None:

@@ -1,22 +1,22 @@
-"""Streamed posts -> GPT-2 tokens -> packed rows, resumable to the exact post and token.
+"""Posts -> a token store (tokenised once, see store.py) -> packed rows that each rank reads by index.
 
-The packed stream is global and identical on every rank: rank r of W keeps rows r, r+W, r+2W, ...
-so a step's global batch is the same rows whatever the world size, and the saved position
-(epoch, posts read, packer buffer, rows) is the same on every rank and valid for any world size.
+An epoch is a seeded permutation of the training posts laid end to end with <|endoftext|> after each, cut into rows
+of seq_len + 1 tokens (consecutive rows share one token, so every token is a target exactly once). The row order is
+global: rank r of W reads rows r, r+W, r+2W, ... so a step's global batch is the same rows whatever the world size,
+and the saved position (epoch, row) is the same on every rank, valid for any world size, and resumed by a seek.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import itertools
 import os
-import queue
-import threading
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+import numpy as np
 import torch
 
 from greentext_dist.errors import UserError
@@ -29,20 +29,21 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parq
 # Hub repos that hold the same posts in several formats: pick one.
 KNOWN_DATA_FILES = {"DarwinAnim8or/greentext": "greentexts.jsonl"}
 IGNORE_INDEX = -100
-TOKENIZE_CHUNK = 64  # posts per batched tokenizer call (the Rust tokenizer parallelises within a call)
-
 
 
 # ---------------------------------------------------------------- sources
 
 
-def open_dataset(name: str) -> IterableDataset:
-    """A streaming `datasets` view of a hub id, a local file or a local directory."""
+def open_dataset(name: str, revision: str | None = None) -> IterableDataset:
+    """A streaming `datasets` view of a hub id (at `revision`), a local file or a local directory."""
     from datasets import load_dataset
 
+    from greentext_dist.store import local_files
+
+    check_source_name(name)
     if is_local(name):
         path = Path(os.path.expanduser(name))
-        files = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file()) if path.is_dir() else [path]
+        files = local_files(name)
         if not files:
             raise UserError(f"dataset folder {name} holds no {'/'.join(BUILDERS)} files", "point --dataset at a data file or a folder of them")
         kinds = {BUILDERS.get(p.suffix) for p in files}
@@ -57,14 +58,12 @@ def open_dataset(name: str) -> IterableDataset:
         # .txt: one post per blank-line-separated paragraph, since greentext posts span several lines.
         extra = {"sample_by": "paragraph"} if builder == "text" else {}
         return load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True, **extra)
-    if name.count("/") > 1 or name.startswith((".", "/", "~")) or Path(name).suffix in BUILDERS:
-        raise UserError(f"dataset {name} does not exist", "check the path, or pass a hub id like DarwinAnim8or/greentext")
     if hub_offline():
         raise UserError(
             f"dataset '{name}' is on the Hugging Face hub, which is unreachable",
             f"download it elsewhere (huggingface-cli download --repo-type dataset {name} --local-dir DIR) and pass --dataset DIR",
         )
-    return load_dataset(name, data_files=KNOWN_DATA_FILES.get(name), split="train", streaming=True)
+    return load_dataset(name, data_files=KNOWN_DATA_FILES.get(name), split="train", streaming=True, revision=revision)
 
 
 def text_getter(example: dict, text_field: str | None, source: str) -> Callable[[dict], str]:
@@ -83,14 +82,17 @@ def text_getter(example: dict, text_field: str | None, source: str) -> Callable[
             "pass --text-field NAME",
         )
 
-    def get(ex: dict) -> str:
-        parts = [ex[f] for f in fields]
+    def join(parts) -> str:
         for f, v in zip(fields, parts):
             if v is not None and not isinstance(v, str):
                 raise UserError(f"dataset {source}: field '{f}' holds a {type(v).__name__} ({str(v)[:40]!r}), not text",
                                 f"make '{f}' a string in every record, or pick another field with --text-field")
         return "".join(v or "" for v in parts)
 
+    def get(ex: dict) -> str:
+        return join([ex[f] for f in fields])
+
+    get.batch = lambda b: [join(parts) for parts in zip(*(b[f] for f in fields))]  # a batch of columns, ~10x faster
     return get
 
 
@@ -112,7 +114,7 @@ def parse_mix(specs: list[str]) -> list[tuple[str, float]]:
     return out
 
 
-def open_mix_source(name: str, text_field: str | None) -> IterableDataset:
+def open_mix_source(name: str, text_field: str | None, revision: str | None = None) -> IterableDataset:
     """One --mix source as a stream of {'text'}. 'hellaswag' (or a file in its schema) becomes context + gold ending."""
     from greentext_dist.hellaswag import HUB_ID, training_text
 
@@ -122,9 +124,9 @@ def open_mix_source(name: str, text_field: str | None) -> IterableDataset:
                             "download it elsewhere and pass --mix PATH/TO/hellaswag.jsonl=WEIGHT")
         from datasets import load_dataset
 
-        ds = load_dataset(HUB_ID, split="train", streaming=True)
+        ds = load_dataset(HUB_ID, split="train", streaming=True, revision=revision)
     else:
-        ds = open_dataset(name)
+        ds = open_dataset(name, revision)
     first = first_example(ds, name)
     strings = [k for k, v in first.items() if isinstance(v, str)]
     if {"endings", "label"} <= set(first) and not text_field:
@@ -136,43 +138,33 @@ def open_mix_source(name: str, text_field: str | None) -> IterableDataset:
     return ds.map(lambda ex: {"text": to_text(ex)}, remove_columns=list(first))
 
 
-def open_train_dataset(dataset: str, text_field: str | None, mix: list[str], seed: int) -> tuple[IterableDataset, Callable[[dict], str]]:
-    """The training posts: --dataset alone, or interleaved with --mix sources."""
-    ds = open_dataset(dataset)
-    first = first_example(ds, dataset)
-    get_text = text_getter(first, text_field, dataset)
-    return with_mix(ds, first, get_text, mix, seed) if mix else (ds, get_text)
+def source_posts(name: str, text_field: str | None, revision: str | None = None) -> Iterator[str]:
+    """The non-blank posts of a --dataset/--val-dataset source, stripped, in file order."""
+    ds = open_dataset(name, revision)
+    get_text = text_getter(first_example(ds, name), text_field, name)
+    with readable(name):
+        for batch in ds.iter(batch_size=1000):
+            for text in get_text.batch(batch):
+                if text := text.strip():
+                    yield text
 
 
-def with_mix(ds: IterableDataset, first: dict, get_text, mix: list[str], seed: int) -> tuple[IterableDataset, Callable[[dict], str]]:
-    """--dataset interleaved with the --mix sources by weight (seeded, so a resumed run reads the same
-    interleaving; an epoch ends when --dataset is exhausted)."""
-    from datasets import interleave_datasets
-
-    sources = parse_mix(mix)
-    main = ds.map(lambda ex: {"text": get_text(ex)}, remove_columns=list(first))
-    streams = [main] + [open_mix_source(name, None) for name, _ in sources]
-    probs = [1 - sum(w for _, w in sources)] + [w for _, w in sources]
-    mixed = interleave_datasets(streams, probabilities=probs, seed=seed, stopping_strategy="first_exhausted")
-    return mixed, lambda ex: ex["text"] or ""
+def mix_posts(name: str, revision: str | None = None) -> Iterator[str]:
+    """The non-blank posts of a --mix source (any text column; HellaSwag as context + gold ending)."""
+    with readable(name):
+        for ex in open_mix_source(name, None, revision):
+            if text := (ex["text"] or "").strip():
+                yield text
 
 
-def val_stream(dataset: str, text_field: str | None, val_fraction: float, tokenizer, seq_len: int,
-               all_posts: bool = False) -> PackedStream:
-    """The held-out posts of `dataset` (hash split), in file order, packed as in training: for training's
-    validation and `evaluate --task val-loss` alike."""
-    ds = open_dataset(dataset)
-    get_text = text_getter(first_example(ds, dataset), text_field, dataset)
-    keep = (lambda t: True) if all_posts else (lambda t: is_val_post(t, val_fraction))
-    return PackedStream(ds, get_text, tokenizer, seq_len, seed=0, shuffle_buffer=1, keep=keep, shuffle=False)
+def post_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def is_val_post(text: str, fraction: float) -> bool:
-    """Held-out membership by a stable hash of the post, so it never depends on order, seed or world size."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-    return h / 2**64 < fraction
+    """Held-out membership by a stable hash of the (stripped) post, so it never depends on order, seed or world
+    size. The store keeps each post's hash, so Store.val_mask gives the same answer without the text."""
+    return fraction > 0 and post_hash(text) / 2**64 < fraction
 
 
 def first_example(ds: IterableDataset, source: str) -> dict:
@@ -219,98 +211,210 @@ def readable(source: str):
         raise UserError(f"{f} line {n} is not valid JSON ({why})", "fix or delete that line (one JSON object per line)") from None
 
 
-# ---------------------------------------------------------------- packing
+# ---------------------------------------------------------------- stores -> packed rows
+
+
+def cache_dir(setting: str | None) -> Path:
+    from greentext_dist.store import default_cache_dir
+
+    return Path(setting).expanduser() if setting else default_cache_dir()
+
+
+def prepare_source(name: str, text_field: str | None, tokenizer, cache: Path, *, mix: bool = False,
+                   repair: bool = False, rebuild: bool = False, progress: bool = True, defer: bool = False):
+    """The token store of one source (built on first use). `mix`: read it as a --mix source."""
+    from greentext_dist import store
+    from greentext_dist.hellaswag import HUB_ID
+
+    hub_hellaswag = mix and name.lower() == "hellaswag"
+    if not hub_hellaswag:
+        check_source_name(name)
+    key_name = HUB_ID if hub_hellaswag else name
+    text = f"{'mix' if mix else 'post'}:{text_field or 'auto'}"
+    posts = (lambda rev: mix_posts(name, rev)) if mix else (lambda rev: source_posts(name, text_field, rev))
+    return store.ensure(key_name, text, tokenizer, posts, cache, repair=repair, rebuild=rebuild, progress=progress, defer=defer)
+
+
+def check_source_name(name: str) -> None:
+    """A name that looks like a path but is not one: say so before anything asks the hub about it."""
+    from greentext_dist.hub import is_local
+
+    if not is_local(name) and (name.count("/") > 1 or name.startswith((".", "/", "~")) or Path(name).suffix in BUILDERS):
+        raise UserError(f"dataset {name} does not exist", "check the path, or pass a hub id like DarwinAnim8or/greentext")
 
 
 @dataclass
 class DataState:
     epoch: int = 0
-    posts: int = 0  # examples read from this epoch's shuffled stream
-    buffer: list[int] = field(default_factory=list)  # packer tokens not yet emitted
-    rows: int = 0  # rows emitted since the start of the run
+    row: int = 0  # rows of this epoch already read
+    rows: int = 0  # rows read since the start of the run
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict, where: object = "the checkpoint") -> DataState:
+        if set(d) != {"epoch", "row", "rows"}:
+            raise UserError(f"{where} holds a data position from before the token store (fields {sorted(d)}), which cannot be seeked to",
+                            f"start a new run from its weights: --model-path {where} --resume never")
+        return cls(**d)
 
-class PackedStream:
-    """Endless, epoch-reshuffled stream of (row of seq_len+1 tokens, state after that row).
 
-    Posts are tokenised on the fly and joined with <|endoftext|>. Row k holds stream tokens
-    [k*T, k*T+T]: consecutive rows share one token, so every token is a target exactly once.
-    A new epoch starts with an empty buffer: only the final partial row of an epoch is dropped.
-    """
+class Packed:
+    """Pieces of stores laid end to end: piece i is stores[src[i]].tokens[start[i]:start[i] + length[i]]."""
 
-    def __init__(self, ds: IterableDataset, get_text, tokenizer, seq_len: int, *, seed: int,
-                 shuffle_buffer: int, keep: Callable[[str], bool] = lambda _: True, shuffle: bool = True):
-        self.ds, self.get_text, self.tok, self.T = ds, get_text, tokenizer, seq_len
-        self.seed, self.shuffle_buffer, self.keep, self.shuffle = seed, shuffle_buffer, keep, shuffle
-        self.eos = tokenizer.eos_token_id
+    def __init__(self, stores: list, src: np.ndarray, start: np.ndarray, length: np.ndarray):
+        self.stores = [s.tokens for s in stores]
+        self.src, self.start, self.length = src, start, length
+        self.cum = np.concatenate([[0], np.cumsum(length)])
+        self.total = int(self.cum[-1])
 
-    def epoch_examples(self, epoch: int) -> Iterator[dict]:
-        if not self.shuffle:
-            return iter(self.ds)
-        ds = self.ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-        ds.set_epoch(epoch)
-        return iter(ds)
+    @classmethod
+    def posts(cls, stores: list, src: np.ndarray, post: np.ndarray) -> Packed:
+        offsets = [s.offsets for s in stores]
+        start = np.empty(len(post), np.int64)
+        end = np.empty(len(post), np.int64)
+        for k, off in enumerate(offsets):
+            sel = src == k
+            start[sel], end[sel] = off[post[sel]], off[post[sel] + 1]
+        return cls(stores, src, start, end - start)
 
-    def posts(self, epoch: int, skip: int) -> Iterator[tuple[int, list[int]]]:
-        """(examples read so far, tokens of the post + EOS) for the kept posts of one epoch."""
-        examples = itertools.islice(self.epoch_examples(epoch), skip, None)
-        n = skip
-        while chunk := list(itertools.islice(examples, TOKENIZE_CHUNK)):
-            texts, counts = [], []
-            for ex in chunk:
-                n += 1
-                text = self.get_text(ex).strip()
-                if text and self.keep(text):
-                    texts.append(text)
-                    counts.append(n)
-            ids = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-            for count, toks in zip(counts, ids):
-                yield count, toks + [self.eos]
-            if len(chunk) < TOKENIZE_CHUNK:
-                return
+    def __len__(self) -> int:
+        return len(self.length)
 
-    def rows(self, state: DataState, *, epochs: int | None = None) -> Iterator[tuple[list[int], DataState]]:
-        epoch, skip, buf, rows = state.epoch, state.posts, list(state.buffer), state.rows
-        T = self.T
-        while epochs is None or epoch < epochs:
-            emitted, from_start = False, skip == 0 and not buf
-            posts, count = self.posts(epoch, skip), skip
-            while True:
-                # Drain first: a resumed buffer may already hold whole rows.
-                start = 0
-                while len(buf) - start >= T + 1:
-                    row = buf[start:start + T + 1]
-                    start += T
-                    rows += 1
-                    emitted = True
-                    yield row, DataState(epoch, count, buf[start:], rows)
-                del buf[:start]
-                if (nxt := next(posts, None)) is None:
-                    break
-                count, toks = nxt
-                buf.extend(toks)
-            if not emitted and from_start:
+    def slice(self, a: int, b: int) -> np.ndarray:
+        """Tokens [a, b) of the concatenation (int64), gathered from the memory-mapped stores."""
+        out = np.empty(b - a, np.int64)
+        i = int(np.searchsorted(self.cum, a, side="right")) - 1
+        n = 0
+        while n < b - a:
+            off = a + n - int(self.cum[i])
+            take = min(int(self.length[i]) - off, b - a - n)
+            s = int(self.start[i]) + off
+            out[n:n + take] = self.stores[self.src[i]][s:s + take]
+            n += take
+            i += 1
+        return out
+
+    def piece(self, i: int) -> np.ndarray:
+        return self.slice(int(self.cum[i]), int(self.cum[i + 1]))
+
+
+class TrainData:
+    """The training rows: epoch e is a seeded permutation of the training posts (with --mix, interleaved by weight
+    with posts of the other sources; an epoch ends when the --dataset posts are used up), packed into rows."""
+
+    def __init__(self, stores: list, selections: list[np.ndarray], weights: list[float], seq_len: int, seed: int):
+        self.stores, self.selections, self.weights, self.T, self.seed = stores, selections, weights, seq_len, seed
+
+    @functools.lru_cache(maxsize=2)  # the current epoch, and the next one while crossing over  # noqa: B019
+    def epoch(self, e: int) -> Packed:
+        main = self.selections[0]
+        main_order = main[np.random.default_rng([self.seed, e]).permutation(len(main))]
+        if len(self.stores) == 1:
+            return Packed.posts(self.stores, np.zeros(len(main), np.uint8), main_order)
+        # Which source each post comes from: seeded draws by weight until every --dataset post is drawn.
+        rng, probs = np.random.default_rng([self.seed, e, 1]), np.asarray(self.weights) / sum(self.weights)
+        draws, n_main = [], 0
+        while n_main < len(main):
+            d = rng.choice(len(probs), size=max(1024, 2 * len(main)), p=probs).astype(np.uint8)
+            draws.append(d)
+            n_main += int((d == 0).sum())
+        src = np.concatenate(draws)
+        src = src[:int(np.searchsorted(np.cumsum(src == 0), len(main))) + 1]
+        post = np.empty(len(src), np.int64)
+        post[src == 0] = main_order
+        for k in range(1, len(self.stores)):
+            need, ids = int((src == k).sum()), self.selections[k]
+            passes = -(-need // len(ids))  # a small source is reshuffled and reread as often as its weight asks
+            post[src == k] = np.concatenate([ids[np.random.default_rng([self.seed, e, 2, k, p]).permutation(len(ids))]
+                                             for p in range(passes)])[:need]
+        return Packed.posts(self.stores, src, post)
+
+    def rows_in(self, e: int) -> int:
+        return max(self.epoch(e).total - 1, 0) // self.T
+
+    def row(self, e: int, r: int) -> np.ndarray:
+        return self.epoch(e).slice(r * self.T, r * self.T + self.T + 1)
+
+    def advance(self, s: DataState, n: int = 1) -> DataState:
+        epoch, row = s.epoch, s.row + n
+        while row >= (per := self.rows_in(epoch)):
+            if per == 0:
                 raise UserError("the training data holds fewer than --seq-len + 1 tokens", "lower --seq-len or add data")
-            epoch, skip, buf = epoch + 1, 0, []
+            epoch, row = epoch + 1, row - per
+        return DataState(epoch, row, s.rows + n)
+
+    def rows(self, state: DataState) -> Iterator[tuple[np.ndarray, DataState]]:
+        """The global stream from `state` on: (row of seq_len + 1 tokens, the state after it)."""
+        while True:
+            nxt = self.advance(state)
+            yield self.row(state.epoch, state.row), nxt
+            state = nxt
 
 
-def count_corpus(stream: PackedStream, source: str = "") -> dict:
-    """One pass over one epoch: posts, tokens (with EOS), rows. Order does not matter, so no shuffle.
-    Being a full pass, it is also where a malformed line anywhere in a local file is found and named."""
-    posts = tokens = 0
-    saved, stream.shuffle = stream.shuffle, False
-    try:
-        with readable(source):
-            for _, toks in stream.posts(0, 0):
-                posts += 1
-                tokens += len(toks)
-    finally:
-        stream.shuffle = saved
-    rows = max(tokens - 1, 0) // stream.T
-    return {"posts": posts, "tokens": tokens, "rows": rows}
+class ValRows:
+    """Held-out posts in file order, packed like training; the last partial row is kept (padded in batches)."""
+
+    def __init__(self, packed: Packed, seq_len: int):
+        self.packed, self.T = packed, seq_len
+        self.n = -(-max(packed.total - 1, 0) // seq_len)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        a = i * self.T
+        return self.packed.slice(a, min(a + self.T + 1, self.packed.total))
+
+
+@dataclass(frozen=True)
+class Corpus:
+    posts: int
+    tokens: int
+    rows: int
+
+
+def training_data(d, tokenizer, seed: int, *, progress: bool = True, defer: bool = False) -> tuple[TrainData, ValRows | None]:
+    """--dataset (minus its held-out posts), the --mix sources, and the validation rows, from their token stores."""
+    cache = cache_dir(d.cache_dir)
+    common = dict(progress=progress, defer=defer)
+    main = prepare_source(d.dataset, d.text_field, tokenizer, cache, **common)
+    held = main.val_mask(0.0 if d.val_dataset else d.val_fraction)
+    train_ids = np.flatnonzero(~held)
+    if len(train_ids) == 0:
+        raise UserError(f"{d.dataset} has no training posts left ({main.n_posts} posts, all held out by --val-fraction {d.val_fraction})",
+                        "lower --val-fraction, add posts, or pass a separate --val-dataset")
+    stores, selections, weights = [main], [train_ids], [1.0]
+    for name, w in parse_mix(d.mix):
+        s = prepare_source(name, None, tokenizer, cache, mix=True, **common)
+        if s.n_posts == 0:
+            raise UserError(f"--mix source {name} holds no posts", "remove it or point it at a file with text")
+        stores.append(s)
+        selections.append(np.arange(s.n_posts))
+        weights.append(w)
+    weights[0] = 1 - sum(weights[1:])
+    train = TrainData(stores, selections, weights, d.seq_len, seed)
+    if d.val_dataset:
+        v = prepare_source(d.val_dataset, d.text_field, tokenizer, cache, **common)
+        val = validation_rows(v, np.arange(v.n_posts), d.seq_len)
+    else:
+        val = validation_rows(main, np.flatnonzero(held), d.seq_len) if held.any() else None
+    return train, val
+
+
+def validation_rows(store, ids: np.ndarray, seq_len: int) -> ValRows:
+    return ValRows(Packed.posts([store], np.zeros(len(ids), np.uint8), ids), seq_len)
+
+
+def corpus_of(train: TrainData) -> Corpus:
+    """Posts, tokens (with EOS) and rows of one epoch (the first: with --mix, epochs differ slightly)."""
+    ep = train.epoch(0)
+    return Corpus(len(ep), ep.total, train.rows_in(0))
+
+
+def val_corpus(val: ValRows) -> Corpus:
+    return Corpus(len(val.packed), val.packed.total, len(val))
 
 
 # ---------------------------------------------------------------- batches
@@ -336,14 +440,17 @@ def isolated_inputs(position_ids: torch.Tensor | None) -> dict:
     return {"position_ids": position_ids, "attention_mask": mask[:, None]}
 
 
-def to_batch(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    t = torch.tensor(rows, dtype=torch.long)
+def to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.from_numpy(np.stack(rows).astype(np.int64, copy=False))
     return t[:, :-1], t[:, 1:]
 
 
 def _background(items: Iterator, depth: int) -> Iterator:
-    """Run an iterator in a daemon thread, `depth` items ahead. The tokenizer releases the GIL, so
-    posts are tokenised and packed while the accelerator computes. Errors surface in the consumer."""
+    """Run an iterator in a daemon thread, `depth` items ahead, so batches are gathered and pinned while the
+    accelerator computes. Errors surface in the consumer."""
+    import queue
+    import threading
+
     q: queue.Queue = queue.Queue(maxsize=depth)
 
     def work():
@@ -362,26 +469,25 @@ def _background(items: Iterator, depth: int) -> Iterator:
 
 
 class TrainLoader:
-    """Micro-batches for one rank. Each call reads micro x world rows of the global stream and keeps
-    this rank's share, so the state after a call is the same on every rank. With `prefetch`, batches are
-    built ahead in a background thread; the order and the saved state are exactly the same."""
+    """Micro-batches for one rank. Each call takes micro x world rows of the global stream and reads only this rank's
+    share, by index, so the state after a call is the same on every rank. With `prefetch`, batches are built ahead in
+    a background thread; the order and the saved state are exactly the same."""
 
-    def __init__(self, stream: PackedStream, state: DataState, micro: int, rank: int, world: int, device,
+    def __init__(self, data: TrainData, state: DataState, micro: int, rank: int, world: int, device,
                  prefetch: int = 0, isolated: bool = False):
-        self.micro, self.rank, self.world, self.device = micro, rank, world, torch.device(device)
-        self.eos, self.isolated = stream.eos, isolated
+        self.data, self.micro, self.rank, self.world, self.device = data, micro, rank, world, torch.device(device)
+        self.eos, self.isolated = int(data.stores[0].meta["eos"]), isolated
         self.state = state
-        self._rows = stream.rows(state)
-        self._batches = _background(self._produce(), prefetch) if prefetch else self._produce()
+        self._batches = _background(self._produce(state), prefetch) if prefetch else self._produce(state)
 
-    def _produce(self):
+    def _produce(self, state: DataState):
         pin = self.device.type == "cuda"
         while True:
-            mine, state = [], None
+            mine = []
             for _ in range(self.micro):
-                group = [next(self._rows) for _ in range(self.world)]
-                mine.append(group[self.rank][0])
-                state = group[-1][1]
+                at = self.data.advance(state, self.rank) if self.rank else state
+                mine.append(self.data.row(at.epoch, at.row))
+                state = self.data.advance(state, self.world)
             x, y = to_batch(mine)
             pos = doc_positions(x, self.eos) if self.isolated else None
             if pin:
@@ -394,31 +500,20 @@ class TrainLoader:
         return to(x), to(y), to(pos), self.state
 
 
-def val_rows(stream: PackedStream) -> list[list[int]]:
-    """All validation tokens in order, packed like training; the last partial row is padded, not dropped."""
-    buf: list[int] = []
-    for _, toks in stream.posts(0, 0):
-        buf.extend(toks)
-    T = stream.T
-    rows = [buf[i:i + T + 1] for i in range(0, max(len(buf) - 1, 0), T)]
-    return rows
-
-
-def val_batches(rows: list[list[int]], micro: int, rank: int, world: int, limit: int | None, eos: int | None = None):
-    """This rank's validation batches (x, y, position ids when `eos` is given for isolated packing).
-    Every rank gets the same number of batches (sharded engines need
-    every rank in every forward); padding rows and positions carry IGNORE_INDEX targets."""
-    T = max((len(r) for r in rows), default=2) - 1
-    mine = rows[rank::world]
+def val_batches(rows, micro: int, rank: int, world: int, limit: int | None, eos: int | None = None):
+    """This rank's validation batches (x, y, position ids when `eos` is given for isolated packing) from `rows` (a
+    sequence of token rows). Every rank gets the same number of batches (sharded engines need every rank in every
+    forward); padding rows and positions carry IGNORE_INDEX targets."""
+    T = rows.T if isinstance(rows, ValRows) else max((len(r) for r in rows), default=2) - 1
+    mine = range(rank, len(rows), world)
     n_batches = -(-len(rows) // (world * micro))
     if limit:
         n_batches = min(n_batches, limit)
     for b in range(n_batches):
-        chunk = mine[b * micro:(b + 1) * micro]
         x = torch.full((micro, T), 0, dtype=torch.long)
         y = torch.full((micro, T), IGNORE_INDEX, dtype=torch.long)
-        for i, r in enumerate(chunk):
-            r = torch.tensor(r, dtype=torch.long)
+        for i, j in enumerate(mine[b * micro:(b + 1) * micro]):
+            r = torch.as_tensor(np.asarray(rows[j], dtype=np.int64))
             x[i, :len(r) - 1] = r[:-1]
             y[i, :len(r) - 1] = r[1:]
         yield x, y, doc_positions(x, eos) if eos is not None else None

@@ -149,3 +149,21 @@ def on_main(fn, *args, **kwargs):
     if error:
         raise UserError(*error)
     return result
+
+
+def everywhere(fn, *args, **kwargs):
+    """Run fn on every rank; a UserError on any rank is raised on all of them, so none is left waiting."""
+    from greentext_dist.errors import UserError
+
+    result = error = None
+    try:
+        result = fn(*args, **kwargs)
+    except UserError as e:
+        error = (e.problem, e.fix)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise UserError(*error)
+    return result

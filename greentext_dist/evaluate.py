@@ -24,12 +24,16 @@ from greentext_dist.ui import console, fail, results, setup_logging
 
 def val_loss(model, tokenizer, a, env) -> dict:
     """The training definition: the same held-out posts (hash split), packing, and token-sum / token-count."""
-    from greentext_dist.data import val_batches, val_rows, val_stream
+    import numpy as np
+
+    from greentext_dist.data import val_batches, validation_rows
     from greentext_dist.loss import mean_token_loss
     from greentext_dist.model import lm_logits, true_vocab
 
-    rows = val_rows(val_stream(a.dataset, a.text_field, a.val_fraction, tokenizer, a.seq_len, all_posts=a.all_posts))
-    if not rows:
+    store = dataset_store(a, tokenizer, env)
+    ids = np.arange(store.n_posts) if a.all_posts else np.flatnonzero(store.val_mask(a.val_fraction))
+    rows = validation_rows(store, ids, a.seq_len)
+    if not len(rows):
         raise UserError(f"no validation posts in {a.dataset} at --val-fraction {a.val_fraction}", "pass --all-posts to score the whole file")
     eos = tokenizer.eos_token_id if a.packing == "isolated" else None
 
@@ -42,6 +46,14 @@ def val_loss(model, tokenizer, a, env) -> dict:
             "tokens": n_tokens, "seq_len": a.seq_len, "packing": a.packing}
 
 
+def dataset_store(a, tokenizer, env):
+    """--dataset's token store: the one training used (same key), built here if missing."""
+    from greentext_dist.data import cache_dir, prepare_source
+    from greentext_dist.dist import everywhere
+
+    return everywhere(prepare_source, a.dataset, a.text_field, tokenizer, cache_dir(a.cache_dir), progress=env.is_main, defer=not env.is_main)
+
+
 def hellaswag(model, tokenizer, a, env) -> dict:
     from greentext_dist.hellaswag import evaluate_hellaswag, load_items
 
@@ -51,14 +63,12 @@ def hellaswag(model, tokenizer, a, env) -> dict:
 
 
 def robustness(model, tokenizer, a, env) -> dict:
-    from greentext_dist.data import first_example, open_dataset, text_getter
     from greentext_dist.generate import as_greentext, generate_batch
     from greentext_dist.robustness import DEVIATION_PROMPTS, GREENTEXT_PROMPTS, corpus_automaton, summarise
 
-    ds = open_dataset(a.dataset)
-    get_text = text_getter(first_example(ds, a.dataset), a.text_field, a.dataset)
-    posts = [t for t in (get_text(ex).strip() for ex in ds) if t]
-    automaton = corpus_automaton(tokenizer(posts, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id)
+    store = dataset_store(a, tokenizer, env)
+    posts = [store.post(i)[:-1].tolist() for i in range(store.n_posts)]  # without the <|endoftext|>
+    automaton = corpus_automaton(posts, tokenizer.eos_token_id)
     suite = [("greentext", p) for p in GREENTEXT_PROMPTS] + [("deviation", p) for p in DEVIATION_PROMPTS]
     mine = suite[env.rank::env.world_size]
     # Greentext openings are written without '>' and formatted; deviation prompts go in as typed.
@@ -110,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--all-posts", action="store_true", help="score every post (a separate validation file)")
     g.add_argument("--seq-len", type=int, default=1024)
     g.add_argument("--packing", choices=["concat", "isolated"], default="concat")
+    g.add_argument("--cache-dir", default=None, help="token stores (as in training; default: $GREENTEXT_CACHE or ~/.cache/greentext_dist/tokens)")
     g = p.add_argument_group("hellaswag")
     g.add_argument("--data", default="Rowan/hellaswag", help="hub id (validation split) or local jsonl with ctx/endings/label")
     g.add_argument("--limit", type=int, default=None, help="score only the first N items")

@@ -36,10 +36,9 @@ import torch
 from greentext_dist import checkpoint as ckpt
 from greentext_dist.config import Config, parse_args_with_sources, to_toml
 from greentext_dist.data import (
-    DataState, PackedStream, TrainLoader, count_corpus, first_example, is_val_post, open_dataset, open_train_dataset, parse_mix,
-    text_getter, val_batches, val_rows, val_stream,
+    Corpus, DataState, TrainData, TrainLoader, ValRows, corpus_of, parse_mix, training_data, val_batches, val_corpus,
 )
-from greentext_dist.dist import DistEnv, all_reduce_sum, init_distributed, on_main, preflight, shutdown
+from greentext_dist.dist import DistEnv, all_reduce_sum, everywhere, init_distributed, on_main, preflight, shutdown
 from greentext_dist.engines import ENGINES, Engine, EngineSpec, resolve_backend
 from greentext_dist.errors import UserError
 from greentext_dist.loss import global_target_count, mean_token_loss, token_loss_sum
@@ -54,13 +53,6 @@ from greentext_dist.tracking import Trackers, parse_report_to
 from greentext_dist.ui import TrainProgress, console, fail, setup_logging, summary_table
 
 log = logging.getLogger("greentext_dist")
-
-
-@dataclass(frozen=True)
-class Corpus:
-    posts: int
-    tokens: int
-    rows: int
 
 
 @dataclass(frozen=True)
@@ -99,8 +91,8 @@ class Run:
     spec: EngineSpec
     layout: dict
     tokenizer: object
-    train_stream: PackedStream
-    val: list  # validation rows (rank 0 packs them once, every rank receives them)
+    train_data: TrainData
+    val: ValRows | None  # validation rows, read from the token store by every rank
     corpus: Corpus
     val_corpus: Corpus | None
     plan: Plan
@@ -113,22 +105,6 @@ class Run:
     out: Path
     metrics: MetricsLog  # OUT/metrics.jsonl: train, skipped and validation lines
     samples: MetricsLog  # OUT/samples.jsonl (--sample-every)
-
-
-def build_streams(cfg: Config, tokenizer) -> tuple[PackedStream, PackedStream | None]:
-    d, seed = cfg.data, cfg.train.seed
-    train_ds, train_get = open_train_dataset(d.dataset, d.text_field, d.mix, seed)
-    common = dict(seed=seed, shuffle_buffer=d.shuffle_buffer)
-    if d.val_dataset:
-        vds = open_dataset(d.val_dataset)
-        val_get = text_getter(first_example(vds, d.val_dataset), d.text_field, d.val_dataset)
-        return (PackedStream(train_ds, train_get, tokenizer, d.seq_len, **common),
-                PackedStream(vds, val_get, tokenizer, d.seq_len, shuffle=False, **common))
-    train = PackedStream(train_ds, train_get, tokenizer, d.seq_len, keep=lambda t: not is_val_post(t, d.val_fraction), **common)
-    if d.val_fraction == 0:
-        return train, None
-    # Validation is always the held-out posts of --dataset itself, with or without --mix sources.
-    return train, val_stream(d.dataset, d.text_field, d.val_fraction, tokenizer, d.seq_len)
 
 
 DEFAULT_STEPS = 300
@@ -220,6 +196,7 @@ def print_summary(run: "Run", sources: dict) -> None:
         *([("mix", ", ".join([f"{d.dataset} {1 - sum(w for _, w in mix):.0%}"] + [f"{n} {w:.0%}" for n, w in mix]) + " of posts")]
           if (mix := parse_mix(d.mix)) else []),
         ("validation", f"{val_corpus.posts:,} posts, {val_corpus.tokens:,} tokens" if val_corpus else "none"),
+        ("token store", str(run.train_data.stores[0].path.parent)),
         ("schedule", f"{plan.max_steps} steps = {plan.epochs:.2f} epochs ({plan.steps_per_epoch:.3g} steps/epoch), "
                      f"lr {cfg.optim.lr:g} warmup {warmup_steps(cfg.optim, plan.max_steps)} cosine to {cfg.optim.min_lr:g}"),
         ("memory/rank", memory_line(mem)),
@@ -234,7 +211,7 @@ def print_summary(run: "Run", sources: dict) -> None:
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus and os.environ.get("SLURM_NTASKS_PER_NODE", "1") == "1" and int(cpus) < max(layout["ranks_per_node"]):
         log.warning(f"--cpus-per-task={cpus} gives fewer CPUs than the {max(layout['ranks_per_node'])} ranks on a node: "
-                    "tokenisation and NCCL threads will starve. Ask for at least one CPU per rank (better 4-8).")
+                    "data loading and NCCL threads will starve. Ask for at least one CPU per rank (better 4-8).")
     if mem.budget and mem.peak > 0.95 * mem.budget:
         s, budget = mem.shape, 0.9 * mem.budget
         fit = planner.largest_micro(s, mem.key, env.world_size, budget, d.seq_len, bool(cfg.model.gradient_checkpointing), t.precision,
@@ -371,7 +348,7 @@ def trainer_state(run: Run) -> dict:
 # Everything else (--max-steps, --epochs, --micro-batch-size, cadences, compile, ...) may change on resume.
 MEANING = {
     "model": ("model", "init", "model_path", "tokenizer", "dropout"),
-    "data": ("dataset", "text_field", "val_dataset", "val_fraction", "seq_len", "shuffle_buffer", "mix", "packing"),
+    "data": ("dataset", "text_field", "val_dataset", "val_fraction", "seq_len", "mix", "packing"),
     "optim": ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip"),
     "train": ("backend", "global_batch_size", "seed", "precision"),
 }
@@ -444,14 +421,13 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
         raise UserError(f"--seq-len {cfg.data.seq_len} is longer than the model's {shape.n_positions} positions",
                         f"use --seq-len {shape.n_positions} or less")
 
-    # Data: the global packed stream, its size, and the plan that follows from it.
+    # Data: the token stores (built on first use: every rank takes the lock in turn, no collective waits on it),
+    # their size, and the plan that follows from it.
     tokenizer = load_tokenizer(cfg.model.tokenizer)
-    train_stream, val_stream_ = build_streams(cfg, tokenizer)
-    corpus, val_corpus, val = on_main(lambda: (
-        Corpus(**count_corpus(train_stream, cfg.data.dataset)),
-        Corpus(**count_corpus(val_stream_, cfg.data.val_dataset or cfg.data.dataset)) if val_stream_ else None,
-        val_rows(val_stream_) if val_stream_ else [],
-    ))
+    train_data, val = everywhere(training_data, cfg.data, tokenizer, cfg.train.seed, progress=env.is_main, defer=not env.is_main)
+    corpus = corpus_of(train_data)
+    if val is None and cfg.data.val_fraction > 0 and env.is_main:
+        log.warning(f"--val-fraction {cfg.data.val_fraction} holds out none of the {corpus.posts} posts: no validation loss")
     plan = plan_run(cfg, env, corpus)
 
     # The settings left to auto.
@@ -473,11 +449,11 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
     progress = Progress(
         step=state["step"] if state else 0,
         tokens=torch.tensor(float(state["tokens"]) if state else 0.0, device=env.device),
-        data=DataState(**state["data"]) if state else DataState(),
+        data=DataState.from_dict(state["data"], resume_from) if state else DataState(),
         bad_steps=state.get("bad_steps", 0) if state else 0,
     )
     resume_step = progress.step if state else None
-    run = Run(cfg, env, spec, layout, tokenizer, train_stream, val, corpus, val_corpus, plan, mem, engine, resume_from, state,
+    run = Run(cfg, env, spec, layout, tokenizer, train_data, val, corpus, val_corpus(val) if val else None, plan, mem, engine, resume_from, state,
               Checkpointer(out, cfg, engine, tokenizer, resume_step, state), progress, out,
               MetricsLog(out / "metrics.jsonl", resume_step, env.is_main,
                          Trackers(parse_report_to(cfg.train.report_to), out, cfg.to_dict(), settings_toml, env.is_main)),
@@ -493,7 +469,7 @@ def fit(run: Run) -> bool:
     """The loop. Returns False when it stopped early (signal or --halt-at-step) with a checkpoint to resume from."""
     cfg, env, engine, p, t = run.cfg, run.env, run.engine, run.progress, run.cfg.train
     max_steps, checkpoints = run.plan.max_steps, run.checkpointer
-    loader = TrainLoader(run.train_stream, p.data, t.micro_batch_size, env.rank, env.world_size, env.device,
+    loader = TrainLoader(run.train_data, p.data, t.micro_batch_size, env.rank, env.world_size, env.device,
                          prefetch=cfg.data.prefetch, isolated=cfg.data.packing == "isolated")
     loss_fn = torch.compile(token_loss_sum) if cfg.model.compile else token_loss_sum  # fuses the fp32 upcast into the loss
     flops = perf.model_flops_per_token(engine.module, cfg.data.seq_len, recompute=bool(cfg.model.gradient_checkpointing))

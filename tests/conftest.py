@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,10 @@ TRAIN = ROOT / "greentext_dist" / "train.py"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GREENTEXT_PLAIN_LOG"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Token stores go to a folder of this test session, never the user's cache (tests that need their own pass --cache-dir).
+_CACHE = tempfile.mkdtemp(prefix="greentext-test-cache-")
+os.environ["GREENTEXT_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 def write_posts(path: Path, n: int = 60, seed: int = 0) -> Path:
@@ -80,3 +87,9 @@ def reference_run(tmp_path_factory, args: list[str]) -> tuple[Path, list[float],
     data = write_posts(d / "posts.jsonl")
     assert run_inprocess(tiny_args(data, d / "out", *args)) == 0
     return data, train_losses(d / "out"), val_losses(d / "out")
+
+
+def data_config(path, seq_len: int, **kw):
+    from greentext_dist.config import DataConfig
+
+    return DataConfig(dataset=str(path), seq_len=seq_len, **{"val_fraction": 0.0, **kw})

@@ -2,11 +2,12 @@
 
 import itertools
 import json
+import re
 
 import pytest
 
-from conftest import run_inprocess, tiny_args, train_losses
-from greentext_dist.data import DataState, PackedStream, open_mix_source, open_train_dataset, parse_mix
+from conftest import data_config, run_inprocess, tiny_args, train_losses
+from greentext_dist.data import DataState, open_mix_source, parse_mix, training_data
 from greentext_dist.errors import UserError
 from greentext_dist.tokenizer import bundled_gpt2
 
@@ -29,30 +30,40 @@ def sources(tmp_path):
     return main, other, hs
 
 
+def mixed_data(main, mix, seq_len=64, seed=3):
+    return training_data(data_config(main, seq_len, mix=mix), TOK, seed, progress=False)[0]
+
+
+def epoch_texts(train, e):
+    ep = train.epoch(e)
+    return [TOK.decode(ep.piece(i)[:-1]) for i in range(len(ep))]
+
+
 def test_observed_shares_follow_the_weights(sources):
     main, other, hs = sources
-    ds, get_text = open_train_dataset(str(main), None, [f"{other}=0.3", f"{hs}=0.1"], seed=0)
-    texts = [get_text(ex) for ex in ds]
+    train = mixed_data(main, [f"{other}=0.3", f"{hs}=0.1"])
+    texts = epoch_texts(train, 0)
     n = len(texts)
     share = lambda prefix: sum(t.startswith(prefix) for t in texts) / n  # noqa: E731
-    assert sum(t.startswith(">main") for t in texts) == 600  # an epoch ends when --dataset is exhausted
+    assert sorted(t for t in texts if t.startswith(">main")) == sorted(f">main post {i}" for i in range(600))  # an epoch: each --dataset post once
     assert share(">main") == pytest.approx(0.6, abs=0.04)
     assert share("other post") == pytest.approx(0.3, abs=0.04)
     assert share("Cooking:") == pytest.approx(0.1, abs=0.03)
-    assert "Cooking: A man cooks dish 0. he eats it." in texts  # HellaSwag schema: context + gold ending
+    cooking = [t for t in texts if t.startswith("Cooking:")]
+    assert all(re.fullmatch(r"Cooking: A man cooks dish \d+\. he eats it\.", t) for t in cooking)  # HellaSwag schema: context + gold ending
+    assert len(set(cooking)) == len(cooking)  # a source bigger than its share: no post twice in an epoch
+    assert epoch_texts(train, 1) != texts  # a new epoch, a new interleaving
 
 
 def test_mixture_resumes_at_the_same_position(sources):
     main, other, _ = sources
-    ds, get_text = open_train_dataset(str(main), None, [f"{other}=0.3"], seed=0)
-    stream = PackedStream(ds, get_text, TOK, 64, seed=3, shuffle_buffer=32)
-    full = list(itertools.islice(stream.rows(DataState()), 120))  # crosses an epoch
-    assert len({s.epoch for _, s in full}) == 2
-    for k in (0, 17, 80):
-        ds2, get2 = open_train_dataset(str(main), None, [f"{other}=0.3"], seed=0)  # a new process
-        resumed = PackedStream(ds2, get2, TOK, 64, seed=3, shuffle_buffer=32)
-        state = DataState(**json.loads(json.dumps(full[k][1].to_dict())))
-        assert [r for r, _ in itertools.islice(resumed.rows(state), 120 - k - 1)] == [r for r, _ in full[k + 1:]]
+    stream = mixed_data(main, [f"{other}=0.3"])
+    full = list(itertools.islice(stream.rows(DataState()), 240))  # crosses an epoch
+    assert len({s.epoch for _, s in full}) >= 2
+    for k in (0, 17, 80, 200):
+        resumed = mixed_data(main, [f"{other}=0.3"])  # a new process
+        state = DataState.from_dict(json.loads(json.dumps(full[k][1].to_dict())))
+        assert [r.tolist() for r, _ in itertools.islice(resumed.rows(state), 240 - k - 1)] == [r.tolist() for r, _ in full[k + 1:]]
 
 
 def test_bad_mix_specs_are_clear():

@@ -1,0 +1,440 @@
+"""The token store: a source tokenised once into flat, memory-mapped arrays (the nanoGPT/Megatron layout) that every
+later run, requeue, rank and node reads by index.
+
+    CACHE/<source>-<key>/tokens.bin   every post's tokens + <|endoftext|>, back to back (uint16 for GPT-2's 50,257)
+                         offsets.bin  int64, n_posts + 1: post i is tokens[offsets[i]:offsets[i + 1]]
+                         hashes.bin   uint64 per post, the hash behind the validation split (data.is_val_post), so any
+                                      --val-fraction is a mask over it, not a new tokenisation
+                         meta.json    counts, file sizes and checksums, and the key; written last
+
+The key is what determines the content: the source's fingerprint (local: file names, sizes, mtimes and a hash of each
+file's head and tail; hub: the revision), the text mapping (--text-field), the tokenizer (a hash of its vocabulary,
+merges and rules) and FORMAT. A store is built in a private temporary folder, under a lock, and renamed into place, so
+two ranks or jobs preparing the same store never see each other's half-written files.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from greentext_dist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the layout or the meaning of a file changes: old stores are then never read
+FILES = ("tokens.bin", "offsets.bin", "hashes.bin")
+BATCH = 1000  # posts per tokenizer call (the Rust tokenizer spreads a batch over every core)
+SAMPLE = 1 << 20  # bytes hashed from each end of a local file for its fingerprint
+
+
+def default_cache_dir() -> Path:
+    """$GREENTEXT_CACHE, else $XDG_CACHE_HOME/greentext_dist/tokens, else ~/.cache/greentext_dist/tokens."""
+    if env := os.environ.get("GREENTEXT_CACHE"):
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "greentext_dist" / "tokens"
+
+
+# ---------------------------------------------------------------- keys
+
+
+def local_files(name: str) -> list[Path]:
+    from greentext_dist.data import BUILDERS
+
+    path = Path(os.path.expanduser(name))
+    return sorted(p for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file()) if path.is_dir() else [path]
+
+
+def local_fingerprint(name: str) -> list:
+    """Names, sizes, mtimes and a hash of each file's first and last MiB: O(1) in the corpus size."""
+    root = Path(os.path.expanduser(name))
+    out = []
+    for f in local_files(name):
+        st = f.stat()
+        h = hashlib.blake2b(digest_size=16)
+        with open(f, "rb") as fh:
+            h.update(fh.read(SAMPLE))
+            if st.st_size > SAMPLE:
+                fh.seek(max(SAMPLE, st.st_size - SAMPLE))
+                h.update(fh.read(SAMPLE))
+        out.append([str(f.relative_to(root)) if root.is_dir() else f.name, st.st_size, st.st_mtime_ns, h.hexdigest()])
+    return out
+
+
+def hub_revision(name: str) -> str:
+    from huggingface_hub import HfApi
+
+    return HfApi().dataset_info(name).sha
+
+
+def tokenizer_fingerprint(tok) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    return hashlib.blake2b(f"{text}|eos={tok.eos_token_id}".encode(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class Key:
+    """What a store's content depends on. `source` is the name as given; `origin` is its fingerprint."""
+
+    source: str
+    origin: str  # json of the local fingerprint, or "hub:<revision>"
+    text: str  # how a record becomes a post: "post:<field or auto>" or "mix:<field or auto>"
+    tokenizer: str
+    format: int = FORMAT
+
+    def digest(self) -> str:
+        parts = json.dumps([self.origin, self.text, self.tokenizer, self.format])
+        return hashlib.blake2b(parts.encode(), digest_size=8).hexdigest()
+
+    def folder(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.source.rstrip("/")).name or self.source)[:40]
+        return f"{slug}-{self.digest()}"
+
+
+def source_key(name: str, text: str, tokenizer_fp: str) -> Key | None:
+    """The key of `name` now; None for a hub dataset while the hub is unreachable (see `find_offline`)."""
+    from greentext_dist.hub import hub_offline, is_local
+
+    if is_local(name):
+        return Key(name, json.dumps(local_fingerprint(name)), text, tokenizer_fp)
+    if hub_offline():
+        return None
+    try:
+        return Key(name, f"hub:{hub_revision(name)}", text, tokenizer_fp)
+    except Exception as e:  # noqa: BLE001 - not found, gated, network: all one line for the user
+        raise UserError(f"cannot look up dataset '{name}' on the Hugging Face hub ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})",
+                        "check the id (and huggingface-cli login for gated datasets), or pass a local file or folder") from None
+
+
+# ---------------------------------------------------------------- reading
+
+
+class Store:
+    """One prepared source, memory-mapped: nothing is read until a row asks for it."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.meta = path, meta
+        self.n_posts, self.n_tokens = meta["posts"], meta["tokens"]
+        self.tokens = mapped(path / "tokens.bin", meta["dtype"], self.n_tokens)
+        self.offsets = mapped(path / "offsets.bin", np.int64, self.n_posts + 1)
+        self.hashes = mapped(path / "hashes.bin", np.uint64, self.n_posts)
+
+    @classmethod
+    def open(cls, path: Path, key: Key | None = None) -> Store:
+        """Open a finished store, checking what can be checked in O(1): format, key and file sizes."""
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, ValueError) as e:
+            raise damaged(path, f"its meta.json is unreadable ({e.__class__.__name__})") from None
+        if meta.get("format") != FORMAT:
+            raise UserError(f"token store {path} has format {meta.get('format')}, this version reads format {FORMAT}",
+                            f"delete {path} and rerun (or run python -m greentext_dist.prepare) to rebuild it")
+        if key is not None:
+            for part in ("origin", "text", "tokenizer"):
+                if meta["key"].get(part) != getattr(key, part):
+                    what = "tokenizer" if part == "tokenizer" else "source content" if part == "origin" else "text mapping"
+                    raise UserError(f"token store {path} was built with another {what} than this run uses",
+                                    f"delete {path} and rerun to rebuild it for this run")
+        for name, want in meta["files"].items():
+            have = (path / name).stat().st_size if (path / name).exists() else None
+            if have != want["bytes"]:
+                raise damaged(path, f"{name} has {have if have is not None else 'no'} bytes, {want['bytes']} expected")
+        return cls(path, meta)
+
+    def verify(self) -> None:
+        """The full check (O(size)): every file's checksum."""
+        for name, want in self.meta["files"].items():
+            if file_digest(self.path / name) != want["blake2b"]:
+                raise damaged(self.path, f"{name} does not match its checksum")
+
+    def post(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def val_mask(self, fraction: float) -> np.ndarray:
+        """Which posts are held out: exactly data.is_val_post, from the stored hashes."""
+        if fraction <= 0:
+            return np.zeros(self.n_posts, dtype=bool)
+        return self.hashes.astype(np.float64) / 2.0**64 < fraction
+
+
+def mapped(path: Path, dtype, n: int) -> np.ndarray:
+    """A read-only memory map as a plain ndarray (slicing an np.memmap is ~10x slower)."""
+    if n == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,)).view(np.ndarray)
+
+
+def damaged(path: Path, why: str) -> UserError:
+    return UserError(f"token store {path} is damaged: {why}",
+                     f"rebuild it with python -m greentext_dist.prepare (same --dataset), or delete {path} and rerun")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_offline(cache: Path, source: str, text: str, tokenizer_fp: str) -> Path | None:
+    """Hub unreachable: the newest store of this hub dataset built for this mapping and tokenizer, if any."""
+    best = None
+    for meta_path in cache.glob("*/meta.json"):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        k = meta.get("key", {})
+        if (meta.get("format"), k.get("source"), k.get("text"), k.get("tokenizer")) == (FORMAT, source, text, tokenizer_fp) \
+                and k.get("origin", "").startswith("hub:") and (best is None or meta["built_at"] > best[0]):
+            best = (meta["built_at"], meta_path.parent)
+    return best[1] if best else None
+
+
+# ---------------------------------------------------------------- building
+
+
+@contextmanager
+def locked(lock_path: Path, what: str):
+    """An exclusive lock on a file beside the store; waits (without a timeout) while another process builds it."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info(f"waiting for another process to finish the token store of {what} ({lock_path})")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure(source: str, text: str, tokenizer, posts: Callable[[str | None], Iterator[str]], cache_dir: Path, *,
+           repair: bool = False, rebuild: bool = False, progress: bool = True, defer: bool = False) -> Store:
+    """The store of `source`, built if missing (under a lock, atomically); `posts(revision)` yields its texts.
+    repair: rebuild a damaged store instead of refusing it. defer: when it must be built, let another rank (the one
+    that shows progress) take the lock first."""
+    cache_dir = Path(cache_dir).expanduser()
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    key = source_key(source, text, tok_fp)
+    if key is None:  # a hub dataset, offline
+        found = find_offline(cache_dir, source, text, tok_fp)
+        if found is None:
+            raise UserError(f"dataset '{source}' is on the Hugging Face hub, which is unreachable, and {cache_dir} holds no token store of it",
+                            f"prepare it where the hub is reachable (python -m greentext_dist.prepare --dataset {source} --cache-dir DIR) "
+                            f"and pass that --cache-dir, or download the files and pass --dataset DIR")
+        store = Store.open(found)
+        log.info(f"hub unreachable: using the token store of {source} at {store.meta['key']['origin']} ({found})")
+        return store
+    path = cache_dir / key.folder()
+    if (path / "meta.json").exists() and not rebuild:
+        try:
+            return Store.open(path, key)
+        except UserError:
+            if not repair:
+                raise
+            log.warning(f"token store {path} is damaged: rebuilding it")
+            rebuild = True
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the token cache {cache_dir} ({e.strerror})", "pass --cache-dir (or set GREENTEXT_CACHE) to a writable folder") from None
+    if defer:
+        time.sleep(2.0)
+    with locked(cache_dir / f".{key.folder()}.lock", source):
+        if (path / "meta.json").exists() and not rebuild:
+            return Store.open(path, key)  # another process built it while we waited
+        if path.exists():
+            retire(path)  # being rebuilt, or a folder without meta.json, which was never a finished store
+        for stale in cache_dir.glob(f".{key.folder()}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a build that died (we hold the lock)
+        revision = key.origin[4:] if key.origin.startswith("hub:") else None
+        build(path, key, tokenizer, posts(revision), progress, estimate_posts(source))
+        if source_key(source, text, tok_fp) != key:
+            retire(path)
+            raise UserError(f"dataset {source} changed while its token store was being built (nothing was kept)",
+                            "rerun once the files are complete, or prepare from a copy that nothing writes to")
+    return Store.open(path, key)
+
+
+def retire(path: Path) -> None:
+    gone = path.with_name(f".{path.name}.old-{os.getpid()}")
+    os.replace(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def build(path: Path, key: Key, tokenizer, texts: Iterator[str], show_progress: bool, total: int | None) -> None:
+    """Tokenise `texts` into a store at `path`: written in a temporary folder, then renamed in (atomic)."""
+    from greentext_dist.data import post_hash
+
+    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+    eos = tokenizer.eos_token_id
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0, n_posts, n_tokens = time.perf_counter(), 0, 0
+    try:
+        files = {name: open(tmp / name, "wb") for name in FILES}
+        digests = {name: hashlib.blake2b(digest_size=16) for name in FILES}
+
+        def write(name: str, array: np.ndarray) -> None:
+            b = array.tobytes()
+            files[name].write(b)
+            digests[name].update(b)
+
+        write("offsets.bin", np.zeros(1, np.int64))
+        with BuildProgress(total, show_progress) as bar:
+            for batch in background(batched(texts, BATCH), depth=4):
+                ids = encode(tokenizer, batch)
+                lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+                flat: list[int] = []
+                for x in ids:
+                    flat += x
+                    flat.append(eos)
+                write("tokens.bin", np.asarray(flat, dtype=dtype))
+                write("offsets.bin", n_tokens + np.cumsum(lengths))
+                write("hashes.bin", np.fromiter((post_hash(t) for t in batch), dtype=np.uint64, count=len(batch)))
+                n_posts, n_tokens = n_posts + len(batch), n_tokens + int(lengths.sum())
+                bar.advance(len(batch), int(lengths.sum()))
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        meta = {"format": FORMAT, "key": {"source": key.source, "origin": key.origin, "text": key.text, "tokenizer": key.tokenizer},
+                "posts": n_posts, "tokens": n_tokens, "dtype": np.dtype(dtype).name, "eos": eos,
+                "files": {n: {"bytes": (tmp / n).stat().st_size, "blake2b": digests[n].hexdigest()} for n in FILES},
+                "built_at": time.time(), "build_seconds": round(time.perf_counter() - t0, 3)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, path)  # atomic: readers see no store or a whole one
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise UserError(f"no space left in {path.parent} while writing the token store of {key.source} "
+                            f"({n_tokens * np.dtype(dtype).itemsize // 2**20} MiB written, nothing kept)",
+                            "free space, or point --cache-dir (or GREENTEXT_CACHE) at a larger disk: a store takes ~2 bytes per token") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dt = time.perf_counter() - t0
+    log.info(f"token store of {key.source}: {n_posts:,} posts, {n_tokens:,} tokens in {dt:.1f} s "
+             f"({n_tokens / max(dt, 1e-9) / 1e3:,.0f}k tokens/s) -> {path}")
+
+
+def encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def batched(items: Iterator[str], n: int) -> Iterator[list[str]]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def background(items: Iterator, depth: int) -> Iterator:
+    """Run an iterator in a daemon thread, `depth` items ahead (reading overlaps tokenising, which releases the GIL).
+    Its errors surface in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work():
+        try:
+            for item in items:
+                q.put((item, None))
+            q.put((done, None))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put((None, e))
+
+    threading.Thread(target=work, daemon=True, name="greentext-read").start()
+    while True:
+        item, err = q.get()
+        if err is not None:
+            raise err
+        if item is done:
+            return
+        yield item
+
+
+def estimate_posts(source: str) -> int | None:
+    """Roughly how many records a source holds, for the ETA: lines of local .jsonl/.csv, rows of .parquet."""
+    from greentext_dist.hub import is_local
+
+    if not is_local(source):
+        return None
+    total = 0
+    for f in local_files(source):
+        if f.suffix in (".jsonl", ".csv"):
+            with open(f, "rb") as fh:
+                total += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
+        elif f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(f).metadata.num_rows
+        else:
+            return None
+    return total or None
+
+
+class BuildProgress:
+    """posts, posts/s, tokens/s and an ETA while a store is built: a live bar on a terminal, log lines elsewhere."""
+
+    def __init__(self, total: int | None, enabled: bool):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from greentext_dist.ui import console
+
+        self.enabled = enabled
+        self.live = enabled and console.is_terminal and not os.environ.get("GREENTEXT_PLAIN_LOG")
+        self.progress = Progress(TextColumn("[bold]tokenising"), BarColumn(), TextColumn("{task.completed:,.0f} posts  {task.fields[rate]}"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not self.live)
+        self.task = self.progress.add_task("prepare", total=total, rate="")
+        self.t0 = self.last_log = time.perf_counter()
+        self.posts = self.tokens = 0
+
+    def __enter__(self):
+        if self.live:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live:
+            self.progress.stop()
+
+    def advance(self, posts: int, tokens: int) -> None:
+        self.posts, self.tokens = self.posts + posts, self.tokens + tokens
+        now = time.perf_counter()
+        rate = f"{self.posts / (now - self.t0):,.0f} posts/s  {self.tokens / (now - self.t0) / 1e3:,.0f}k tokens/s"
+        self.progress.update(self.task, advance=posts, rate=rate)
+        if self.enabled and not self.live and now - self.last_log > 30:
+            self.last_log = now
+            log.info(f"tokenising: {self.posts:,} posts, {rate}")

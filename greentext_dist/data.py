@@ -380,6 +380,8 @@ def training_data(d, tokenizer, seed: int, *, progress: bool = True, defer: bool
     cache = cache_dir(d.cache_dir)
     common = dict(progress=progress, defer=defer)
     main = prepare_source(d.dataset, d.text_field, tokenizer, cache, **common)
+    if main.n_posts == 0:
+        raise UserError(f"dataset {d.dataset} holds no non-blank posts", "point --dataset at a file with text (or fix --text-field)")
     held = main.val_mask(0.0 if d.val_dataset else d.val_fraction)
     train_ids = np.flatnonzero(~held)
     if len(train_ids) == 0:

@@ -21,9 +21,11 @@ def test_accumulation_equals_one_big_batch(corpus, tmp_path):
 def test_two_ranks_equal_one(corpus, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert run_inprocess(tiny_args(corpus, one, *COMMON, "--micro-batch-size", "4")) == 0
-    p = launch(tiny_args(corpus, two, *COMMON, "--micro-batch-size", "2"), nproc=2)
+    # A fresh token cache: both ranks find no store, one builds it under the lock, the other waits and reads it.
+    p = launch(tiny_args(corpus, two, *COMMON, "--micro-batch-size", "2", "--cache-dir", str(tmp_path / "fresh-cache")), nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "2 rank(s)" in p.stderr and "2 micro x 2 accumulation x 2 ranks = 8" in p.stderr
+    assert len([d for d in (tmp_path / "fresh-cache").iterdir() if not d.name.startswith(".")]) == 1
     l1, l2 = train_losses(one), train_losses(two)
     assert len(l2) == 4
     assert max(abs(x - y) for x, y in zip(l1, l2)) <= 1e-5

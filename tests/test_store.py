@@ -1,0 +1,243 @@
+"""The token store: tokenised once and reused, keyed by what decides its content, safe against concurrent builders,
+damage, a source changing under it and a full disk, and a rank's memory independent of the corpus size."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, data_config, run_inprocess, tiny_args, write_posts
+from greentext_dist import store as store_mod
+from greentext_dist.data import prepare_source, training_data
+from greentext_dist.errors import UserError
+from greentext_dist.tokenizer import bundled_gpt2
+
+TOK = bundled_gpt2()
+
+
+def stores_in(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.iterdir() if not p.name.startswith("."))
+
+
+def leftovers(cache: Path) -> list[Path]:
+    """Anything a later run could mistake for a store: folders other than finished stores."""
+    return sorted(p for p in cache.iterdir() if p.is_dir() and not (p / "meta.json").exists())
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """How many posts were tokenised (store.encode is the one tokenisation call)."""
+    seen = {"posts": 0}
+    real = store_mod.encode
+
+    def encode(tok, texts):
+        seen["posts"] += len(texts)
+        return real(tok, texts)
+
+    monkeypatch.setattr(store_mod, "encode", encode)
+    return seen
+
+
+def prepare(*args, cache, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "greentext_dist.prepare", *args, "--cache-dir", str(cache)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, env={**os.environ, **(env or {})}, **kw)
+
+
+def test_second_start_does_no_tokenisation(corpus, tmp_path, counting):
+    common = ["--max-steps", "1", "--global-batch-size", "4", "--micro-batch-size", "4", "--cache-dir", str(tmp_path / "cache")]
+    assert run_inprocess(tiny_args(corpus, tmp_path / "a", *common)) == 0
+    assert counting["posts"] == 60  # every post once: training and validation come from the same store
+    assert run_inprocess(tiny_args(corpus, tmp_path / "b", *common, "--val-fraction", "0.3")) == 0
+    assert counting["posts"] == 60  # a new run, even with another split, reads the store
+    assert len(stores_in(tmp_path / "cache")) == 1
+
+
+def test_each_key_part_makes_a_new_store(tmp_path, counting, monkeypatch):
+    cache = tmp_path / "cache"
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"text": f">post {i}", "body": f">body {i}"}) + "\n" for i in range(30)))
+    first = prepare_source(str(path), None, TOK, cache, progress=False)
+    assert prepare_source(str(path), None, TOK, cache, progress=False).path == first.path and counting["posts"] == 30
+
+    by_field = prepare_source(str(path), "body", TOK, cache, progress=False)  # the text mapping
+    assert by_field.path != first.path and TOK.decode(by_field.post(0)) == ">body 0<|endoftext|>"
+
+    other_tok = bundled_gpt2()
+    other_tok.add_tokens(["<|greentext|>"])  # the tokenizer
+    assert prepare_source(str(path), None, other_tok, cache, progress=False).path != first.path
+
+    with monkeypatch.context() as m:
+        m.setattr(store_mod, "FORMAT", store_mod.FORMAT + 1)  # the format version
+        assert prepare_source(str(path), None, TOK, cache, progress=False).path != first.path
+
+    with open(path, "a") as f:  # the source's content
+        f.write(json.dumps({"text": ">a new post", "body": "x"}) + "\n")
+    changed = prepare_source(str(path), None, TOK, cache, progress=False)
+    assert changed.path != first.path and changed.n_posts == 31
+    assert counting["posts"] == 30 * 4 + 31
+    assert len(stores_in(cache)) == 5 and not leftovers(cache)
+
+
+@pytest.mark.slow
+def test_two_processes_preparing_at_once_build_one_store(tmp_path):
+    data = write_posts(tmp_path / "p.jsonl", n=3000)
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "greentext_dist.prepare", "--dataset", str(data), "--cache-dir", str(cache)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    assert len({o.split("->")[-1].strip() for o, _ in outs}) == 1  # both name the same store
+    built = [bool(re.search(r"tokens in [\d.]+ s", " ".join(e.split()))) for _, e in outs]
+    assert sum(built) == 1, outs  # the lock: one tokenised, the other waited (or came later) and reused it
+    (store,) = stores_in(cache)
+    assert not leftovers(cache)
+    assert prepare("--dataset", str(data), "--verify", cache=cache).returncode == 0
+
+
+def test_damaged_store_is_refused_then_rebuilt(corpus, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    store = prepare_source(str(corpus), None, TOK, cache, progress=False)
+    with open(store.path / "tokens.bin", "r+b") as f:
+        f.truncate(store.n_tokens)  # half the bytes
+    with pytest.raises(UserError, match="is damaged: tokens.bin has .* bytes.*prepare"):
+        training_data(data_config(corpus, 32, cache_dir=str(cache)), TOK, 0, progress=False)
+    assert run_inprocess(tiny_args(corpus, tmp_path / "out", "--cache-dir", str(cache))) != 0
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "Traceback" not in err
+    p = prepare("--dataset", str(corpus), "--verify", cache=cache)  # prepare rebuilds it
+    assert p.returncode == 0 and "damaged: rebuilding" in p.stderr and "verified" in p.stdout
+    assert prepare_source(str(corpus), None, TOK, cache, progress=False).n_tokens == store.n_tokens
+
+    (store.path / "meta.json").unlink()  # never finished: rebuilt silently
+    assert prepare_source(str(corpus), None, TOK, cache, progress=False).n_tokens == store.n_tokens
+
+
+@pytest.mark.parametrize("field,value,message", [("format", 0, "has format 0"), ("tokenizer", "0123", "another tokenizer")])
+def test_store_of_another_format_or_tokenizer_is_refused(corpus, tmp_path, field, value, message):
+    cache = tmp_path / "cache"
+    store = prepare_source(str(corpus), None, TOK, cache, progress=False)
+    meta = json.loads((store.path / "meta.json").read_text())
+    if field == "format":
+        meta["format"] = value
+    else:
+        meta["key"]["tokenizer"] = value
+    (store.path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=message):
+        prepare_source(str(corpus), None, TOK, cache, progress=False)
+
+
+def test_source_changing_during_the_build_is_refused(tmp_path, monkeypatch):
+    import greentext_dist.data as data
+
+    path = write_posts(tmp_path / "p.jsonl", n=50)
+    real = data.source_posts
+
+    def changing(*args):
+        for i, text in enumerate(real(*args)):
+            if i == 10:
+                with open(path, "a") as f:
+                    f.write(json.dumps({"text": ">written while reading"}) + "\n")
+            yield text
+
+    monkeypatch.setattr(data, "source_posts", changing)
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError, match="changed while its token store was being built"):
+        prepare_source(str(path), None, TOK, cache, progress=False)
+    assert stores_in(cache) == [] and not leftovers(cache)
+    monkeypatch.undo()
+    assert prepare_source(str(path), None, TOK, cache, progress=False).n_posts == 51
+
+
+def test_full_disk_leaves_nothing_behind(tmp_path):
+    import resource
+
+    data = write_posts(tmp_path / "p.jsonl", n=2000)
+    cache = tmp_path / "cache"
+
+    def small_disk():  # files may not grow past 64 KiB: writes fail with EFBIG, as ENOSPC does on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    p = prepare("--dataset", str(data), cache=cache, preexec_fn=small_disk)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "no space left" in p.stderr and "--cache-dir" in p.stderr and "Traceback" not in p.stderr
+    assert stores_in(cache) == [] and not leftovers(cache)
+    assert prepare("--dataset", str(data), cache=cache).returncode == 0  # with room, the same command works
+
+
+def test_no_training_posts_after_the_split(tmp_path):
+    path = write_posts(tmp_path / "p.jsonl", n=10)
+    with pytest.raises(UserError, match="no training posts left.*--val-fraction"):
+        training_data(data_config(path, 16, val_fraction=0.9999), TOK, 0, progress=False)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"text": "  "}\n{"text": ""}\n')
+    with pytest.raises(UserError, match="no non-blank posts"):
+        training_data(data_config(blank, 16), TOK, 0, progress=False)
+
+
+def test_hub_store_is_found_offline(corpus, tmp_path):
+    """A store prepared where the hub was reachable serves the same hub id on an offline node."""
+    cache = tmp_path / "cache"
+    store = prepare_source(str(corpus), None, TOK, cache, progress=False)
+    meta = json.loads((store.path / "meta.json").read_text())
+    meta["key"].update(source="someone/greentext", origin="hub:0123abcd")  # as if prepared from the hub
+    (store.path / "meta.json").write_text(json.dumps(meta))
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    found = prepare_source("someone/greentext", None, TOK, cache, progress=False)
+    assert found.path == store.path and found.n_tokens == store.n_tokens
+    with pytest.raises(UserError, match="unreachable.*holds no token store.*prepare"):
+        prepare_source("someone/other", None, TOK, cache, progress=False)
+
+
+MEMORY_PROBE = """
+import sys, numpy as np
+from greentext_dist.config import DataConfig
+from greentext_dist.data import DataState, TrainLoader, training_data
+from greentext_dist.tokenizer import bundled_gpt2
+
+def anon_kib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1])
+
+tok = bundled_gpt2()
+cfg = DataConfig(dataset=sys.argv[1], seq_len=256, val_fraction=0.05, cache_dir=sys.argv[2])
+before = anon_kib()
+train, val = training_data(cfg, tok, 0, progress=False)
+loader = TrainLoader(train, DataState(), 8, 0, 1, "cpu")
+n = 0
+while loader.state.epoch == 0:
+    n += loader.next_batch()[0].numel()
+for i in range(len(val)):
+    val[i]
+print(anon_kib() - before, n, train.stores[0].tokens.nbytes)
+"""
+
+
+@pytest.mark.slow
+def test_rank_memory_does_not_grow_with_corpus_size(tmp_path):
+    """Reading a whole epoch holds the tokens in the page cache (memory map), not in the process: its anonymous
+    memory grows by a few bytes per post (the epoch's order), not with the tokens."""
+    import random
+
+    cache = tmp_path / "cache"
+    small = write_posts(tmp_path / "small.jsonl", n=100)
+    rng, words = random.Random(0), "be me go outside see a dog cat pizza mfw tfw the bus job boss code rain".split()
+    big = tmp_path / "big.jsonl"  # ~20k posts of ~300 tokens, like the real corpus's long posts
+    big.write_text("".join(json.dumps({"text": "\n".join(">" + " ".join(rng.choices(words, k=8)) for _ in range(30))}) + "\n"
+                           for _ in range(20_000)))
+    for path in (small, big):
+        assert prepare("--dataset", str(path), cache=cache).returncode == 0
+    grew = {}
+    for name, path in (("small", small), ("big", big)):
+        p = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path), str(cache)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        grew[name] = [int(x) for x in p.stdout.split()]
+    (small_kib, _, _), (big_kib, big_read, big_bytes) = grew["small"], grew["big"]
+    assert big_read > 5_000_000 and big_bytes > 10 << 20  # the big corpus was really read, a whole epoch
+    extra = (big_kib - small_kib) * 1024
+    assert extra < 64 * 20_000, (small_kib, big_kib, big_bytes)  # the epoch's order: under 64 bytes per post ...
+    assert extra < big_bytes / 8  # ... far below the tokens, which stay in the memory map

@@ -261,26 +261,21 @@ class DataState:
 
 
 class Packed:
-    """Pieces of stores laid end to end: piece i is stores[src[i]].tokens[start[i]:start[i] + length[i]]."""
+    """Posts of one or more stores laid end to end: piece i is post[i] of stores[src[i]]. Holds ~13 bytes per post
+    (source, post id, cumulative length); the tokens stay in the stores' memory maps."""
 
-    def __init__(self, stores: list, src: np.ndarray, start: np.ndarray, length: np.ndarray):
-        self.stores = [s.tokens for s in stores]
-        self.src, self.start, self.length = src, start, length
-        self.cum = np.concatenate([[0], np.cumsum(length)])
+    def __init__(self, stores: list, src: np.ndarray, post: np.ndarray):
+        self.tokens, self.offsets = [s.tokens for s in stores], [s.offsets for s in stores]
+        self.src, self.post = src, post.astype(np.int32) if len(post) and post.max() < 2**31 else post
+        lengths = np.empty(len(post), np.int64)
+        for k, off in enumerate(self.offsets):
+            sel = src == k
+            lengths[sel] = off[post[sel] + 1] - off[post[sel]]
+        self.cum = np.concatenate([[0], np.cumsum(lengths)])
         self.total = int(self.cum[-1])
 
-    @classmethod
-    def posts(cls, stores: list, src: np.ndarray, post: np.ndarray) -> Packed:
-        offsets = [s.offsets for s in stores]
-        start = np.empty(len(post), np.int64)
-        end = np.empty(len(post), np.int64)
-        for k, off in enumerate(offsets):
-            sel = src == k
-            start[sel], end[sel] = off[post[sel]], off[post[sel] + 1]
-        return cls(stores, src, start, end - start)
-
     def __len__(self) -> int:
-        return len(self.length)
+        return len(self.post)
 
     def slice(self, a: int, b: int) -> np.ndarray:
         """Tokens [a, b) of the concatenation (int64), gathered from the memory-mapped stores."""
@@ -288,10 +283,10 @@ class Packed:
         i = int(np.searchsorted(self.cum, a, side="right")) - 1
         n = 0
         while n < b - a:
-            off = a + n - int(self.cum[i])
-            take = min(int(self.length[i]) - off, b - a - n)
-            s = int(self.start[i]) + off
-            out[n:n + take] = self.stores[self.src[i]][s:s + take]
+            k, off = self.src[i], a + n - int(self.cum[i])
+            take = min(int(self.cum[i + 1]) - a - n, b - a - n)
+            s = int(self.offsets[k][self.post[i]]) + off
+            out[n:n + take] = self.tokens[k][s:s + take]
             n += take
             i += 1
         return out
@@ -312,7 +307,7 @@ class TrainData:
         main = self.selections[0]
         main_order = main[np.random.default_rng([self.seed, e]).permutation(len(main))]
         if len(self.stores) == 1:
-            return Packed.posts(self.stores, np.zeros(len(main), np.uint8), main_order)
+            return Packed(self.stores, np.zeros(len(main), np.uint8), main_order)
         # Which source each post comes from: seeded draws by weight until every --dataset post is drawn.
         rng, probs = np.random.default_rng([self.seed, e, 1]), np.asarray(self.weights) / sum(self.weights)
         draws, n_main = [], 0
@@ -329,7 +324,7 @@ class TrainData:
             passes = -(-need // len(ids))  # a small source is reshuffled and reread as often as its weight asks
             post[src == k] = np.concatenate([ids[np.random.default_rng([self.seed, e, 2, k, p]).permutation(len(ids))]
                                              for p in range(passes)])[:need]
-        return Packed.posts(self.stores, src, post)
+        return Packed(self.stores, src, post)
 
     def rows_in(self, e: int) -> int:
         return max(self.epoch(e).total - 1, 0) // self.T
@@ -406,7 +401,7 @@ def training_data(d, tokenizer, seed: int, *, progress: bool = True, defer: bool
 
 
 def validation_rows(store, ids: np.ndarray, seq_len: int) -> ValRows:
-    return ValRows(Packed.posts([store], np.zeros(len(ids), np.uint8), ids), seq_len)
+    return ValRows(Packed([store], np.zeros(len(ids), np.uint8), ids), seq_len)
 
 
 def corpus_of(train: TrainData) -> Corpus:

@@ -120,9 +120,16 @@ def _field_types(section_cls) -> dict:
     return out
 
 
+# Settings that existed once: say what replaced them instead of "unknown".
+REMOVED = {"shuffle_buffer": "each epoch is now a full seeded permutation of the posts (the token store), so there is no buffer"}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         # One line that names the problem and the fix, not a usage dump.
+        for name, why in REMOVED.items():
+            if f"--{name.replace('_', '-')}" in message:
+                raise UserError(f"--{name.replace('_', '-')} was removed: {why}", f"drop --{name.replace('_', '-')} from the command")
         raise UserError(f"bad command line: {message}", f"see `{self.prog} --help`")
 
 
@@ -167,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _apply(cfg: Config, section: str, name: str, value, source: str) -> None:
     sec = getattr(cfg, section, None)
+    if name in REMOVED:
+        raise UserError(f"{source}: setting '{section}.{name}' was removed: {REMOVED[name]}", f"delete that line from {source}")
     if sec is None or name not in {f.name for f in dataclasses.fields(sec)}:
         raise UserError(f"{source}: unknown setting '{section}.{name}'", "check the spelling against `--help`")
     tp = _field_types(type(sec))[name]

@@ -196,7 +196,7 @@ def print_summary(run: "Run", sources: dict) -> None:
         *([("mix", ", ".join([f"{d.dataset} {1 - sum(w for _, w in mix):.0%}"] + [f"{n} {w:.0%}" for n, w in mix]) + " of posts")]
           if (mix := parse_mix(d.mix)) else []),
         ("validation", f"{val_corpus.posts:,} posts, {val_corpus.tokens:,} tokens" if val_corpus else "none"),
-        ("token store", str(run.train_data.stores[0].path.parent)),
+        ("token store", str(run.train_data.stores[0].path)),
         ("schedule", f"{plan.max_steps} steps = {plan.epochs:.2f} epochs ({plan.steps_per_epoch:.3g} steps/epoch), "
                      f"lr {cfg.optim.lr:g} warmup {warmup_steps(cfg.optim, plan.max_steps)} cosine to {cfg.optim.min_lr:g}"),
         ("memory/rank", memory_line(mem)),

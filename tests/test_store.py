@@ -241,3 +241,14 @@ def test_rank_memory_does_not_grow_with_corpus_size(tmp_path):
     extra = (big_kib - small_kib) * 1024
     assert extra < 64 * 20_000, (small_kib, big_kib, big_bytes)  # the epoch's order: under 64 bytes per post ...
     assert extra < big_bytes / 8  # ... far below the tokens, which stay in the memory map
+
+
+def test_the_removed_shuffle_buffer_is_explained(tmp_path):
+    from greentext_dist.config import parse_args
+
+    with pytest.raises(UserError, match="--shuffle-buffer was removed: each epoch is now a full seeded permutation"):
+        parse_args(["--shuffle-buffer", "100"])
+    old = tmp_path / "old.toml"
+    old.write_text("[data]\nshuffle_buffer = 100\n")
+    with pytest.raises(UserError, match="'data.shuffle_buffer' was removed.*delete that line"):
+        parse_args(["--config", str(old)])

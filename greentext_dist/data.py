@@ -21,6 +21,7 @@ import torch
 
 from greentext_dist.errors import UserError
 from greentext_dist.hub import hub_offline, is_local
+from greentext_dist.store import background, local_files
 
 if TYPE_CHECKING:
     from datasets import IterableDataset
@@ -37,8 +38,6 @@ IGNORE_INDEX = -100
 def open_dataset(name: str, revision: str | None = None) -> IterableDataset:
     """A streaming `datasets` view of a hub id (at `revision`), a local file or a local directory."""
     from datasets import load_dataset
-
-    from greentext_dist.store import local_files
 
     check_source_name(name)
     if is_local(name):
@@ -442,29 +441,6 @@ def to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return t[:, :-1], t[:, 1:]
 
 
-def _background(items: Iterator, depth: int) -> Iterator:
-    """Run an iterator in a daemon thread, `depth` items ahead, so batches are gathered and pinned while the
-    accelerator computes. Errors surface in the consumer."""
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-
-    def work():
-        try:
-            for item in items:
-                q.put((item, None))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread
-            q.put((None, e))
-
-    threading.Thread(target=work, daemon=True, name="greentext-prefetch").start()
-    while True:
-        item, err = q.get()
-        if err is not None:
-            raise err
-        yield item
-
-
 class TrainLoader:
     """Micro-batches for one rank. Each call takes micro x world rows of the global stream and reads only this rank's
     share, by index, so the state after a call is the same on every rank. With `prefetch`, batches are built ahead in
@@ -475,7 +451,8 @@ class TrainLoader:
         self.data, self.micro, self.rank, self.world, self.device = data, micro, rank, world, torch.device(device)
         self.eos, self.isolated = int(data.stores[0].meta["eos"]), isolated
         self.state = state
-        self._batches = _background(self._produce(state), prefetch) if prefetch else self._produce(state)
+        # Gathered and pinned ahead in a thread, while the accelerator computes.
+        self._batches = background(self._produce(state), prefetch) if prefetch else self._produce(state)
 
     def _produce(self, state: DataState):
         pin = self.device.type == "cuda"

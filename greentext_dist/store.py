@@ -287,6 +287,7 @@ def retire(path: Path) -> None:
 def build(path: Path, key: Key, tokenizer, texts: Iterator[str], show_progress: bool, total: int | None) -> None:
     """Tokenise `texts` into a store at `path`: written in a temporary folder, then renamed in (atomic)."""
     from greentext_dist.data import post_hash
+    from greentext_dist.ui import BuildProgress
 
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
     eos = tokenizer.eos_token_id
@@ -361,8 +362,8 @@ def batched(items: Iterator[str], n: int) -> Iterator[list[str]]:
 
 
 def background(items: Iterator, depth: int) -> Iterator:
-    """Run an iterator in a daemon thread, `depth` items ahead (reading overlaps tokenising, which releases the GIL).
-    Its errors surface in the consumer."""
+    """Run an iterator in a daemon thread, `depth` items ahead: reading overlaps tokenising (which releases the GIL),
+    and the train loader gathers batches while the accelerator computes. Its errors surface in the consumer."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
 
@@ -402,38 +403,3 @@ def estimate_posts(source: str) -> int | None:
         else:
             return None
     return total or None
-
-
-class BuildProgress:
-    """posts, posts/s, tokens/s and an ETA while a store is built: a live bar on a terminal, log lines elsewhere."""
-
-    def __init__(self, total: int | None, enabled: bool):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        from greentext_dist.ui import console
-
-        self.enabled = enabled
-        self.live = enabled and console.is_terminal and not os.environ.get("GREENTEXT_PLAIN_LOG")
-        self.progress = Progress(TextColumn("[bold]tokenising"), BarColumn(), TextColumn("{task.completed:,.0f} posts  {task.fields[rate]}"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not self.live)
-        self.task = self.progress.add_task("prepare", total=total, rate="")
-        self.t0 = self.last_log = time.perf_counter()
-        self.posts = self.tokens = 0
-
-    def __enter__(self):
-        if self.live:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.live:
-            self.progress.stop()
-
-    def advance(self, posts: int, tokens: int) -> None:
-        self.posts, self.tokens = self.posts + posts, self.tokens + tokens
-        now = time.perf_counter()
-        rate = f"{self.posts / (now - self.t0):,.0f} posts/s  {self.tokens / (now - self.t0) / 1e3:,.0f}k tokens/s"
-        self.progress.update(self.task, advance=posts, rate=rate)
-        if self.enabled and not self.live and now - self.last_log > 30:
-            self.last_log = now
-            log.info(f"tokenising: {self.posts:,} posts, {rate}")

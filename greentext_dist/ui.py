@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -46,17 +47,13 @@ def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:
     return table
 
 
-class TrainProgress:
+class LiveProgress:
     """A live bar on a terminal; plain log lines everywhere else (SLURM logs, CI, pipes)."""
 
-    def __init__(self, total: int, start: int, enabled: bool):
+    def __init__(self, enabled: bool, *columns):
         self.enabled = enabled
         self.live = enabled and console.is_terminal and not os.environ.get("GREENTEXT_PLAIN_LOG")
-        self.progress = Progress(
-            TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not self.live,
-        )
-        self.task = self.progress.add_task("train", total=total, completed=start, stats="")
+        self.progress = Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not self.live)
 
     def __enter__(self):
         if self.live:
@@ -66,6 +63,12 @@ class TrainProgress:
     def __exit__(self, *exc):
         if self.live:
             self.progress.stop()
+
+
+class TrainProgress(LiveProgress):
+    def __init__(self, total: int, start: int, enabled: bool):
+        super().__init__(enabled, TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[stats]}"))
+        self.task = self.progress.add_task("train", total=total, completed=start, stats="")
 
     def update(self, step: int, stats: str | None = None) -> None:
         if not self.enabled:
@@ -79,6 +82,25 @@ class TrainProgress:
     def note(self, text: str) -> None:
         if self.enabled:
             console.print(text)
+
+
+class BuildProgress(LiveProgress):
+    """Posts, posts/s, tokens/s and an ETA while a token store is built; a log line every 30 s without a terminal."""
+
+    def __init__(self, total: int | None, enabled: bool):
+        super().__init__(enabled, TextColumn("[bold]tokenising"), BarColumn(), TextColumn("{task.completed:,.0f} posts  {task.fields[rate]}"))
+        self.task = self.progress.add_task("prepare", total=total, rate="")
+        self.t0 = self.last_log = time.perf_counter()
+        self.posts = self.tokens = 0
+
+    def advance(self, posts: int, tokens: int) -> None:
+        self.posts, self.tokens = self.posts + posts, self.tokens + tokens
+        now = time.perf_counter()
+        rate = f"{self.posts / (now - self.t0):,.0f} posts/s  {self.tokens / (now - self.t0) / 1e3:,.0f}k tokens/s"
+        self.progress.update(self.task, advance=posts, rate=rate)
+        if self.enabled and not self.live and now - self.last_log > 30:
+            self.last_log = now
+            logging.getLogger("greentext_dist").info(f"tokenising: {self.posts:,} posts, {rate}")
 
 
 def fail(message: str) -> None:

@@ -65,6 +65,7 @@ def test_yaml_config_and_clear_errors(tmp_path):
         parse_args(["--config", str(j)])
 
 
+@pytest.mark.slow  # ~20 s of training runs: kept out of the fast tier
 def test_final_is_the_best_validation_checkpoint_with_a_model_card(corpus, tmp_path):
     """lr high enough to overfit the tiny corpus: val loss goes down, then up. OUT/final holds the best step's
     weights (bit-equal to checkpoints/best), the report and the card name it, and early stopping ends the run."""

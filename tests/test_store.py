@@ -153,6 +153,7 @@ def test_source_changing_during_the_build_is_refused(tmp_path, monkeypatch):
     assert prepare_source(str(path), None, TOK, cache, progress=False).n_posts == 51
 
 
+@pytest.mark.slow  # two launched prepare processes: kept out of the fast tier
 def test_full_disk_leaves_nothing_behind(tmp_path):
     import resource
 

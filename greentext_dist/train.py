@@ -341,7 +341,8 @@ def trainer_state(run: Run) -> dict:
     p, env = run.progress, run.env
     return {"step": p.step, "tokens": int(p.tokens.item()), "data": p.data.to_dict(), "max_steps": run.plan.max_steps,
             "bad_steps": p.bad_steps, "world_size": env.world_size, "backend": run.cfg.train.backend, "config": run.cfg.to_dict(),
-            "best": run.checkpointer.best, "since_best": run.checkpointer.since_best}
+            "best": run.checkpointer.best, "since_best": run.checkpointer.since_best,
+            "stores": [s.path.name for s in run.train_data.stores]}
 
 
 # Settings that change what a run is: resuming under different values would silently continue another experiment.
@@ -462,6 +463,10 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
         print_summary(run, sources)
     if state and state["max_steps"] != plan.max_steps:
         log.warning(f"the checkpoint was planned for {state['max_steps']} steps, this run for {plan.max_steps}: the lr schedule changes")
+    stores = [s.path.name for s in train_data.stores]
+    if state and state.get("stores", stores) != stores and env.is_main:
+        log.warning(f"the training data changed since the checkpoint (token stores {', '.join(state['stores'])} -> {', '.join(stores)}): "
+                    f"the run continues at epoch {progress.data.epoch}, row {progress.data.row} of the new data's order")
     return run
 
 

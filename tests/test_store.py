@@ -253,3 +253,15 @@ def test_the_removed_shuffle_buffer_is_explained(tmp_path):
     old.write_text("[data]\nshuffle_buffer = 100\n")
     with pytest.raises(UserError, match="'data.shuffle_buffer' was removed.*delete that line"):
         parse_args(["--config", str(old)])
+
+
+def test_resuming_after_the_data_changed_warns(corpus, tmp_path, capsys):
+    args = ["--max-steps", "4", "--global-batch-size", "4", "--micro-batch-size", "4"]
+    assert run_inprocess(tiny_args(corpus, tmp_path / "out", *args, "--halt-at-step", "2")) == 0
+    assert run_inprocess(tiny_args(corpus, tmp_path / "same", *args, "--halt-at-step", "2")) == 0
+    assert run_inprocess(tiny_args(corpus, tmp_path / "same", *args)) == 0
+    assert "the training data changed" not in capsys.readouterr().err
+    with open(corpus, "a") as f:
+        f.write(json.dumps({"text": ">be me\n>add a post mid-run"}) + "\n")
+    assert run_inprocess(tiny_args(corpus, tmp_path / "out", *args)) == 0
+    assert "the training data changed since the checkpoint" in " ".join(capsys.readouterr().err.split())

@@ -474,11 +474,11 @@ class TrainLoader:
         return to(x), to(y), to(pos), self.state
 
 
-def val_batches(rows, micro: int, rank: int, world: int, limit: int | None, eos: int | None = None):
-    """This rank's validation batches (x, y, position ids when `eos` is given for isolated packing) from `rows` (a
-    sequence of token rows). Every rank gets the same number of batches (sharded engines need every rank in every
+def val_batches(rows: ValRows, micro: int, rank: int, world: int, limit: int | None, eos: int | None = None):
+    """This rank's validation batches (x, y, position ids when `eos` is given for isolated packing) from the packed
+    validation rows. Every rank gets the same number of batches (sharded engines need every rank in every
     forward); padding rows and positions carry IGNORE_INDEX targets."""
-    T = rows.T if isinstance(rows, ValRows) else max((len(r) for r in rows), default=2) - 1
+    T = rows.T
     mine = range(rank, len(rows), world)
     n_batches = -(-len(rows) // (world * micro))
     if limit:

@@ -166,9 +166,6 @@ class Store:
     def post(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
     def val_mask(self, fraction: float) -> np.ndarray:
         """Which posts are held out: exactly data.is_val_post, from the stored hashes."""
         if fraction <= 0:

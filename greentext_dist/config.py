@@ -32,6 +32,7 @@ class ModelConfig:
     dropout: float = _f(0.1, "dropout on embeddings, attention and residuals")
     gradient_checkpointing: bool | None = _f(None, "recompute activations in backward to save memory (default: on only when the planner says the model would not fit without it)")
     compile: bool | None = _f(None, "torch.compile each transformer block and the loss (default: on for ddp/fsdp on a GPU, where it measured 1.7-2.9x faster; off on CPU)")
+    attention: str = _f("sdpa", "attention kernel under --packing isolated: sdpa (a dense per-post mask) or flex (FlexAttention, skips the masked blocks; GPU, --dropout 0)", ["sdpa", "flex"])
     pad_vocab: int | None = _f(None, "inside training, widen the embedding/LM head to a multiple of this many rows (64: 50,257 -> 50,304, aligned for tensor cores); checkpoints stay stock 50,257-wide GPT-2 (default: 64 on a GPU except zero3, else 1 = off)")
 
 
@@ -303,6 +304,9 @@ def validate(cfg: Config) -> None:
                         "--warmup-steps": o.warmup_steps or 0, "--prefetch": d.prefetch}.items():
         if value < 0:
             raise UserError(f"{flag} must not be negative, got {value}", f"pass 0 or more to {flag}")
+    from greentext_dist.attention import check
+
+    check(cfg.model.attention, d.packing, cfg.model.dropout)
     if d.mix:
         from greentext_dist.data import parse_mix
 

@@ -423,17 +423,15 @@ def doc_positions(x: torch.Tensor, eos: int) -> torch.Tensor:
     return idx - starts
 
 
-def isolated_inputs(position_ids: torch.Tensor | None) -> dict:
-    """Model inputs for isolated packing: restarted positions and a block-diagonal causal mask (True = attend),
-    passed as a 4-D mask that transformers hands to SDPA unchanged. (transformers' own packed-sequence
-    detection from position ids only remaps positions and still lets a post see the posts before it.)"""
+def isolated_inputs(position_ids: torch.Tensor | None, flex: bool = False) -> dict:
+    """Model inputs for isolated packing: restarted positions and a block-diagonal causal mask, as a 4-D bool mask
+    that transformers hands to SDPA unchanged, or as a FlexAttention block mask (`flex`). (transformers' own
+    packed-sequence detection from position ids only remaps positions and still lets a post see the posts before it.)"""
+    from greentext_dist.attention import dense_doc_mask, flex_doc_mask
+
     if position_ids is None:
         return {}
-    doc = (position_ids == 0).cumsum(dim=1)
-    T = position_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
-    mask = (doc[:, :, None] == doc[:, None, :]) & causal
-    return {"position_ids": position_ids, "attention_mask": mask[:, None]}
+    return {"position_ids": position_ids, "attention_mask": (flex_doc_mask if flex else dense_doc_mask)(position_ids)}
 
 
 def to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

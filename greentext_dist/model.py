@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from greentext_dist.attention import register, uses_flex
 from greentext_dist.config import ModelConfig
 from greentext_dist.errors import UserError
 from greentext_dist.hub import hub_offline
@@ -105,9 +106,10 @@ def init_scratch(model: GPT2LMHeadModel, seed: int, gather=None) -> None:
 def build_model(cfg: ModelConfig, weights_from: str | None = None, seed: int = 0, gather=None) -> GPT2LMHeadModel:
     """weights_from: a checkpoint to resume; otherwise --model-path, the hub id, or random init."""
     drop = dict(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
+    attn = register() if cfg.attention == "flex" else "sdpa"
     src = weights_from or source_of(cfg)
     if src is None:
-        model = GPT2LMHeadModel._from_config(preset_config(cfg.model, cfg.dropout), attn_implementation="sdpa", dtype=torch.float32)
+        model = GPT2LMHeadModel._from_config(preset_config(cfg.model, cfg.dropout), attn_implementation=attn, dtype=torch.float32)
         init_scratch(model, seed, gather)
     else:
         local = weights_from is not None or cfg.model_path is not None
@@ -118,7 +120,7 @@ def build_model(cfg: ModelConfig, weights_from: str | None = None, seed: int = 0
                 f"pretrained '{src}' cannot be downloaded: the Hugging Face hub is unreachable",
                 f"download it elsewhere (huggingface-cli download {src} --local-dir DIR) and pass --model-path DIR, or use --init scratch",
             )
-        model = load_weights(src, dict(attn_implementation="sdpa", dtype=torch.float32, **drop))
+        model = load_weights(src, dict(attn_implementation=attn, dtype=torch.float32, **drop))
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: gradient_...
         if enable:
@@ -184,7 +186,7 @@ def lm_logits(model, x: torch.Tensor, position_ids: torch.Tensor | None, vocab: 
     vocabulary's extra columns never reach a loss), with per-post positions and mask for isolated packing."""
     from greentext_dist.data import isolated_inputs
 
-    return model(input_ids=x, use_cache=False, **isolated_inputs(position_ids)).logits[..., :vocab]
+    return model(input_ids=x, use_cache=False, **isolated_inputs(position_ids, flex=uses_flex(model))).logits[..., :vocab]
 
 
 def save_hf(model: GPT2LMHeadModel, folder, max_shard_size: str, state_dict: dict | None = None) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from greentext_dist import checkpoint as ckpt
+from greentext_dist import attention, checkpoint as ckpt
 from greentext_dist.config import Config, parse_args_with_sources, to_toml
 from greentext_dist.data import (
     Corpus, DataState, TrainData, TrainLoader, ValRows, corpus_of, parse_mix, training_data, val_batches, val_corpus,
@@ -398,6 +398,7 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
     spec = ENGINES[cfg.train.backend]
     env = init_distributed(single_rank_group=spec.needs_process_group)
     setup_logging(env.rank)
+    attention.check(cfg.model.attention, cfg.data.packing, cfg.model.dropout, env.device)
     layout = preflight(env)
     out = Path(cfg.checkpoint.output_dir)
     on_main(claim_output_dir, out, cfg)

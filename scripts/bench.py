@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
+from greentext_dist.attention import check as check_attention, uses_flex
 from greentext_dist.config import Config
+from greentext_dist.errors import UserError
 from greentext_dist.dist import init_distributed
 from greentext_dist import plan as planner
 from greentext_dist.data import doc_positions, isolated_inputs
@@ -138,6 +140,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile each block and the loss (all three loops)")
     p.add_argument("--packing", default="concat", choices=["concat", "isolated"], help="isolated: a post boundary every --doc-len tokens")
     p.add_argument("--doc-len", type=int, default=150, help="synthetic post length for --packing isolated")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flex"], help="as train.py: the kernel for --packing isolated")
     p.add_argument("--no-baseline", action="store_true", help="skip the bare PyTorch loop and the HF Trainer")
     p.add_argument("--no-trainer", action="store_true", help="skip the HF Trainer")
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds of ours and the bare loop (best of each)")
@@ -159,11 +162,16 @@ def main() -> None:
     cfg = Config()
     cfg.model.model, cfg.model.init, cfg.model.dropout, cfg.model.pad_vocab = a.model, "scratch", a.dropout, a.pad_vocab
     cfg.model.gradient_checkpointing, cfg.model.compile = a.gradient_checkpointing, a.compile and not custom_compile
+    cfg.model.attention = a.attention
     cfg.data.seq_len = a.seq_len
     cfg.train.backend, cfg.train.precision, cfg.train.micro_batch_size = a.backend, a.precision, a.micro_batch_size
     env = init_distributed(single_rank_group=ENGINES[a.backend].needs_process_group)
     cfg.train.global_batch_size = a.micro_batch_size * a.grad_accum * env.world_size
     setup_logging(env.rank)
+    try:
+        check_attention(a.attention, a.packing, a.dropout, env.device)
+    except UserError as e:
+        p.error(str(e))
     torch.manual_seed(0)
     if env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -212,7 +220,7 @@ def main() -> None:
         def bare_step():
             for x, y, pos in batches:
                 with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    logits = bare(input_ids=x, use_cache=False, **isolated_inputs(pos)).logits
+                    logits = bare(input_ids=x, use_cache=False, **isolated_inputs(pos, flex=uses_flex(bare))).logits
                 ce(logits, y).div(len(batches)).backward()
             torch.nn.utils.clip_grad_norm_(bare.parameters(), 1.0)
             opt.step()
@@ -242,7 +250,7 @@ def main() -> None:
         "peak_mem_gib": peak_mem,
         "planned_peak_gib": planner.peak_bytes(planner.shape(a.model), ENGINES[a.backend].plan_key(a.backend, False), env.world_size,
                                                a.micro_batch_size, a.seq_len, a.gradient_checkpointing, a.precision, a.compile)["peak"] / 2**30,
-        "compile": a.compile, "packing": a.packing, "dropout": a.dropout, "vocab_rows": model.config.vocab_size,
+        "compile": a.compile, "packing": a.packing, "attention": a.attention, "dropout": a.dropout, "vocab_rows": model.config.vocab_size,
         "compile_scope": a.compile_scope if a.compile else None, "compile_mode": a.compile_mode, "sdpa": a.sdpa,
         "source": "bench.py", "torch": torch.__version__, "command": "python scripts/bench.py " + " ".join(sys.argv[1:]),
     }

@@ -1,6 +1,6 @@
 """The real commands on whatever single GPU is here, one JSON line per run in RESULTS_DIR/results.jsonl.
 
-    python scripts/gpu_check.py RESULTS_DIR [all|e2e|bench]      (scripts/gpu_check.sh sets up the environment)
+    python scripts/gpu_check.py RESULTS_DIR [next|all|e2e|bench|xl|flex]   (scripts/gpu_check.sh sets up the environment)
 
 e2e:   train.py for real on a local greentext-format corpus (scratch init: no hub needed), through each
        launcher and engine: python (ddp), deepspeed (zero2, zero3), torchrun (fsdp), accelerate launch
@@ -8,8 +8,12 @@ e2e:   train.py for real on a local greentext-format corpus (scratch init: no hu
        same command to step 20, and its final/ is loaded back and sampled in a fresh process. Small runs
        all engines side by side; XL then runs `deepspeed greentext_dist/train.py --model xl` alone (its
        checkpoints are ~25 GB each).
-bench: scripts/bench.py rows, most important first, until the time budget is spent; one row is timed
-       again through train.py itself to measure what the real command costs over the bench step.
+bench: scripts/bench.py rows, most important first, until the time budget is spent; the first row is timed
+       again through train.py itself (at --log-every 1 and 10) to measure what the real command costs over the
+       bench step.
+flex:  scripts/check_flex.py: --attention flex's loss and gradients against the dense-mask SDPA path.
+next:  what no GPU run has shown yet, most important first: flex, the train.py / bench ratio, isolated packing
+       with flex vs sdpa, XL's resume and reload, then the remaining rows.
 
 GPU_CHECK_DRY=1 runs the same orchestration on the CPU with the tiny model (to check this script).
 """
@@ -31,6 +35,7 @@ DRY = os.environ.get("GPU_CHECK_DRY") == "1"
 BUDGET_S = float(os.environ.get("BUDGET_S", "540"))
 T0 = time.time()
 WORK = Path(os.environ.get("GPU_CHECK_WORK", "/tmp/gpu_check"))
+os.environ.setdefault("GREENTEXT_CACHE", str(WORK / "token-stores"))  # the corpus is tokenised once, for every run
 STEPS = int(os.environ.get("E2E_STEPS", "20"))  # halted with a checkpoint (after validation) half way, then resumed
 HALT = STEPS // 2
 
@@ -213,17 +218,26 @@ def e2e_xl(res: Path) -> None:
 
 
 BENCH = [
-    # (label, bench.py args). Most important first: the goal rows with the best settings, then ablations.
+    # (label, bench.py args; None: the first row's setting through train.py with these extra flags). Most important
+    # first: the goal rows with the best settings, the real command against them, then levers and ablations.
     ("small-best", "--model small --micro-batch-size 32 --grad-accum 4 --compile"),
+    ("small-best-train.py", []),
+    ("small-best-train.py-log10", ["--log-every", "10"]),
+    ("small-isolated-sdpa", "--model small --micro-batch-size 32 --grad-accum 4 --compile --packing isolated"),
+    ("small-isolated-flex", "--model small --micro-batch-size 32 --grad-accum 4 --compile --packing isolated --attention flex"),
     ("xl-best", "--model xl --micro-batch-size 16 --grad-accum 2 --compile"),
-    ("small-best-train.py", None),
-    ("small-no-pad", "--model small --micro-batch-size 32 --grad-accum 4 --compile --pad-vocab 1"),
+    ("xl-m32", "--model xl --micro-batch-size 32 --grad-accum 1 --compile"),
     ("small-dropout0.1", "--model small --micro-batch-size 32 --grad-accum 4 --compile --dropout 0.1"),
     ("xl-dropout0.1", "--model xl --micro-batch-size 16 --grad-accum 2 --compile --dropout 0.1"),
     ("medium-best", "--model medium --micro-batch-size 32 --grad-accum 2 --compile"),
     ("large-best", "--model large --micro-batch-size 16 --grad-accum 4 --compile"),
     ("small-whole-model-compile", "--model small --micro-batch-size 32 --grad-accum 4 --compile --compile-scope model"),
+    ("small-max-autotune", "--model small --micro-batch-size 32 --grad-accum 4 --compile --compile-mode max-autotune-no-cudagraphs"),
+    ("small-cudnn", "--model small --micro-batch-size 32 --grad-accum 4 --compile --sdpa cudnn"),
+    ("small-fsdp", "--model small --backend fsdp --micro-batch-size 32 --grad-accum 4 --compile"),
+    ("small-zero2", "--model small --backend zero2 --micro-batch-size 32 --grad-accum 4 --compile"),
     ("xl-fsdp-gc-m16", "--model xl --backend fsdp --micro-batch-size 16 --grad-accum 2 --gradient-checkpointing --compile"),
+    ("small-no-pad", "--model small --micro-batch-size 32 --grad-accum 4 --compile --pad-vocab 1"),
 ]
 
 
@@ -237,10 +251,13 @@ def bench(res: Path, rows: list) -> None:
         if elapsed() > BUDGET_S - 60:
             record(res, {"source": "bench.py", "run": label, "skipped": "time budget"})
             continue
-        if args is None:
-            train_timing(res, label)
+        if isinstance(args, list):
+            train_timing(res, label, args)
             continue
         argv = args.split()
+        if DRY and "flex" in argv:
+            record(res, {"source": "bench.py", "run": label, "skipped": "dry run: FlexAttention has no backward on the CPU"})
+            continue
         if DRY:
             argv = [("tiny" if a in ("small", "xl", "medium", "large") else a) for a in argv]
             argv += ["--seq-len", "128", "--precision", "fp32", "--micro-batch-size", "2"]
@@ -259,7 +276,7 @@ def bench(res: Path, rows: list) -> None:
         record(res, {**row, "run": label, "wall_s": round(time.time() - t, 1)})
 
 
-def train_timing(res: Path, label: str) -> None:
+def train_timing(res: Path, label: str, extra: list[str]) -> None:
     """The small-best bench row's setting through train.py itself (real data, logging, guards): tokens/s after warm-up."""
     corpus = corpus_file()
     out = WORK / "timing"
@@ -267,7 +284,7 @@ def train_timing(res: Path, label: str) -> None:
     shape = (["--model", "tiny", "--seq-len", "128", "--precision", "fp32", "--micro-batch-size", "2", "--global-batch-size", "8"] if DRY else
              ["--model", "small", "--micro-batch-size", "32", "--global-batch-size", "128"])
     cmd = [sys.executable, "greentext_dist/train.py", *shape, "--init", "scratch", "--dataset", str(corpus), "--dropout", "0",
-           "--max-steps", "30", "--eval-every", "0", "--val-fraction", "0", "--output-dir", str(out)]
+           "--max-steps", "30", "--eval-every", "0", "--val-fraction", "0", "--output-dir", str(out), *extra]
     t = time.time()
     try:
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30, min(200, BUDGET_S - elapsed() - 20)))
@@ -275,7 +292,7 @@ def train_timing(res: Path, label: str) -> None:
     except subprocess.TimeoutExpired:
         rc, text = "timeout", ""
     steps = train_losses(out)
-    tps = [s for n, _, s in steps if n > 10 and s]
+    tps = [s for n, _, s in steps if n > 10 and s]  # with --log-every 10: the line at step 20 covers steps 11-20
     ref = DONE.get(BENCH[0][0])
     row = {"source": "train.py", "run": label, "command": " ".join(cmd).replace(sys.executable, "python"), "rc": rc,
            "steps": len(steps), "median_tokens_per_s": statistics.median(tps) if tps else None, "wall_s": round(time.time() - t, 1)}
@@ -287,19 +304,38 @@ def train_timing(res: Path, label: str) -> None:
     record(res, row)
 
 
+def flex(res: Path) -> None:
+    """--attention flex against the dense mask: loss and gradients (GPU), fp32, bf16 and compiled."""
+    model, micro, T = ("tiny", "2", "256") if DRY else ("small", "4", "1024")
+    cmd = [sys.executable, "scripts/check_flex.py", "--model", model, "--micro-batch-size", micro, "--seq-len", T]
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30, min(240, BUDGET_S - elapsed() - 20)))
+        rc, text = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired:
+        rc, text = "timeout", ""
+    line = next((json.loads(t) for t in reversed(text.splitlines()) if t.startswith('{"source": "check_flex.py"')), None)
+    record(res, {**(line or {"source": "check_flex.py", "ok": False, "tail": text[-2000:]}), "run": "flex-equivalence", "rc": rc})
+
+
+PARTS = {
+    # Small's engines, the rows that matter most, XL's headline command, then the other rows.
+    "all": [e2e_small, lambda r: bench(r, BENCH[:3]), e2e_xl, lambda r: bench(r, BENCH[3:]), flex],
+    "next": [flex, lambda r: bench(r, BENCH[:5]), e2e_xl, lambda r: bench(r, BENCH[5:])],
+    "e2e": [e2e_small, e2e_xl],
+    "bench": [lambda r: bench(r, BENCH)],
+    "xl": [e2e_xl],
+    "flex": [flex],
+}
+
+
 if __name__ == "__main__":
     res = Path(sys.argv[1]).resolve()
-    part = sys.argv[2] if len(sys.argv) > 2 else "all"
+    part = sys.argv[2] if len(sys.argv) > 2 else "next"
+    if part not in PARTS:
+        sys.exit(f"unknown part {part!r}: one of {', '.join(PARTS)}")
     res.mkdir(parents=True, exist_ok=True)
     GPU, VERSIONS = gpu_name(), versions()
     print(f"gpu_check {part} on {GPU}: {VERSIONS}", flush=True)
-    # Small's engines, the three rows that matter most, XL's headline command, then the other rows.
-    if part in ("all", "e2e"):
-        e2e_small(res)
-    if part in ("all", "bench"):
-        bench(res, BENCH[:3])
-    if part in ("all", "e2e", "xl"):
-        e2e_xl(res)
-    if part in ("all", "bench"):
-        bench(res, BENCH[3:])
+    for step in PARTS[part]:
+        step(res)
     print(f"gpu_check done in {elapsed():.0f} s", flush=True)

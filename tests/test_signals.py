@@ -9,9 +9,18 @@ import time
 
 import pytest
 
-from conftest import ROOT, TRAIN, run_inprocess, tiny_args, train_losses
+from conftest import ROOT, TRAIN, run_inprocess, tiny_args, train_losses, write_posts
 
 RUN = ["--global-batch-size", "4", "--micro-batch-size", "2", "--max-steps", "40", "--eval-every", "0", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The corpus and its uninterrupted one-rank run, shared by every test here."""
+    d = tmp_path_factory.mktemp("signals")
+    corpus = write_posts(d / "posts.jsonl")
+    assert run_inprocess(tiny_args(corpus, d / "ref1", *RUN)) == 0
+    return corpus, train_losses(d / "ref1")
 
 
 def start(args, nproc):
@@ -63,25 +72,25 @@ def finish(args, nproc):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.slow
-def test_signal_checkpoints_and_resume_is_exact_one_rank(corpus, tmp_path, sig):
-    ref, out = tmp_path / "ref", tmp_path / "run"
-    assert run_inprocess(tiny_args(corpus, ref, *RUN)) == 0
+def test_signal_checkpoints_and_resume_is_exact_one_rank(reference, tmp_path, sig):
+    corpus, a = reference
+    out = tmp_path / "run"
     interrupt(tiny_args(corpus, out, *RUN), 1, sig, out)
     assert run_inprocess(tiny_args(corpus, out, *RUN)) == 0
-    a, b = train_losses(ref), train_losses(out)
+    b = train_losses(out)
     assert len(b) == 40 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
 
 
 @pytest.mark.slow
-def test_sigusr1_on_two_ranks_resumes_exactly_and_across_world_sizes(corpus, tmp_path):
+def test_sigusr1_on_two_ranks_resumes_exactly_and_across_world_sizes(reference, tmp_path):
     """Two claims, each at the tolerance its comparison can give. Resume is exact: interrupted on 2 ranks
     and resumed on 2 equals an uninterrupted 2-rank run (same reduction order: 1e-6). A world-size change
     keeps the curve: the same checkpoint resumed on 1 rank matches the 1-rank reference within the
     data-parallel tolerance (2 ranks sum gradients in another order than 1: ~1e-6 apart, so 1e-5)."""
     import shutil
 
-    ref1, ref2, out = tmp_path / "ref1", tmp_path / "ref2", tmp_path / "run"
-    assert run_inprocess(tiny_args(corpus, ref1, *RUN)) == 0
+    corpus, ref1 = reference
+    ref2, out = tmp_path / "ref2", tmp_path / "run"
     finish(tiny_args(corpus, ref2, *RUN), 2)
     interrupt(tiny_args(corpus, out, *RUN), 2, signal.SIGUSR1, out)
     shutil.copytree(out, tmp_path / "to1")
@@ -90,4 +99,4 @@ def test_sigusr1_on_two_ranks_resumes_exactly_and_across_world_sizes(corpus, tmp
     assert len(same_world) == 40 and max(abs(x - y) for x, y in zip(train_losses(ref2), same_world)) <= 1e-6
     assert run_inprocess(tiny_args(corpus, tmp_path / "to1", *RUN)) == 0
     one_rank = train_losses(tmp_path / "to1")
-    assert len(one_rank) == 40 and max(abs(x - y) for x, y in zip(train_losses(ref1), one_rank)) <= 1e-5
+    assert len(one_rank) == 40 and max(abs(x - y) for x, y in zip(ref1, one_rank)) <= 1e-5

@@ -167,3 +167,16 @@ def everywhere(fn, *args, **kwargs):
     if error:
         raise UserError(*error)
     return result
+
+
+def check_same(value: str, what: str, fix: str) -> None:
+    """Every rank must hold the same `value`; otherwise a UserError on every rank, naming the first that differs."""
+    from greentext_dist.errors import UserError
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    odd = next((r for r, v in enumerate(values) if v != values[0]), None)
+    if odd is not None:
+        raise UserError(f"{what} differs between ranks: rank 0 has {values[0]}, rank {odd} has {values[odd]}", fix)

@@ -38,7 +38,7 @@ from greentext_dist.config import Config, parse_args_with_sources, to_toml
 from greentext_dist.data import (
     Corpus, DataState, TrainData, TrainLoader, ValRows, corpus_of, parse_mix, training_data, val_batches, val_corpus,
 )
-from greentext_dist.dist import DistEnv, all_reduce_sum, everywhere, init_distributed, on_main, preflight, shutdown
+from greentext_dist.dist import DistEnv, all_reduce_sum, check_same, everywhere, init_distributed, on_main, preflight, shutdown
 from greentext_dist.engines import ENGINES, Engine, EngineSpec, resolve_backend
 from greentext_dist.errors import UserError
 from greentext_dist.loss import global_target_count, mean_token_loss, token_loss_sum
@@ -427,6 +427,10 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
     # their size, and the plan that follows from it.
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     train_data, val = everywhere(training_data, cfg.data, tokenizer, cfg.train.seed, progress=env.is_main, defer=not env.is_main)
+    # Each rank keyed its stores itself: a source that changed while the job started (a new hub commit, a file edited)
+    # would otherwise give ranks different data without a word.
+    check_same(" + ".join(s.path.name for s in train_data.stores) + (f"; validation {len(val.packed)} posts, {val.packed.total} tokens" if val else ""),
+               "the training data", "the source changed while the job started: rerun it (every rank then finds the same data)")
     corpus = corpus_of(train_data)
     if val is None and cfg.data.val_fraction > 0 and env.is_main:
         log.warning(f"--val-fraction {cfg.data.val_fraction} holds out none of the {corpus.posts} posts: no validation loss")

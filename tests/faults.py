@@ -16,16 +16,19 @@ PLUGIN = Path(__file__).resolve().parent / "plugin"
 ENV = "GREENTEXT_FAULTS"  # read by tests/plugin/sitecustomize.py only
 
 
-def patches(nan_steps=(), disk_full: bool = False, crash_in_save: bool = False, save_error_on_rank: int | None = None) -> list[tuple[object, str, object]]:
+def patches(nan_steps=(), disk_full: bool = False, crash_in_save: bool = False, save_error_on_rank: int | None = None,
+            source_changed_on_rank: int | None = None) -> list[tuple[object, str, object]]:
     """(module, attribute, replacement) for each fault.
 
     nan_steps: optimizer steps (1-based) whose training loss is multiplied by NaN (validation untouched).
     disk_full: every save fails with ENOSPC after the ranks wrote their files.
     crash_in_save: the process dies (exit 17) after a save's files are written, before it is published.
-    save_error_on_rank: that rank fails a save with a RuntimeError (not an OSError) while the others succeed."""
+    save_error_on_rank: that rank fails a save with a RuntimeError (not an OSError) while the others succeed.
+    source_changed_on_rank: that rank sees the local source with another fingerprint, as if the file had been
+    edited between the ranks' looks at it."""
     import torch
 
-    from greentext_dist import checkpoint, loss, optim
+    from greentext_dist import checkpoint, loss, optim, store
 
     out = []
     if nan_steps:
@@ -55,6 +58,13 @@ def patches(nan_steps=(), disk_full: bool = False, crash_in_save: bool = False, 
             return real_rng_state()
 
         out.append((checkpoint, "rng_state", rng_state))
+    if source_changed_on_rank is not None and int(os.environ.get("RANK", "0")) == source_changed_on_rank:
+        real_fingerprint = store.local_fingerprint
+
+        def local_fingerprint(name):
+            return [[*f[:2], f[2] + 1, *f[3:]] for f in real_fingerprint(name)]  # a newer mtime
+
+        out.append((store, "local_fingerprint", local_fingerprint))
     if crash_in_save:
         real_collectively = checkpoint._collectively
 

@@ -265,3 +265,21 @@ def test_resuming_after_the_data_changed_warns(corpus, tmp_path, capsys):
         f.write(json.dumps({"text": ">be me\n>add a post mid-run"}) + "\n")
     assert run_inprocess(tiny_args(corpus, tmp_path / "out", *args)) == 0
     assert "the training data changed since the checkpoint" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.slow
+def test_ranks_that_see_different_data_stop_before_training(corpus, tmp_path):
+    """Each rank keys its stores itself: if the source changes between their looks (rank 1 sees a newer file here),
+    every rank stops with one line instead of training on different data."""
+    from conftest import launch
+    from faults import launch_env
+
+    args = tiny_args(corpus, tmp_path / "out", "--max-steps", "2", "--global-batch-size", "4", "--micro-batch-size", "2",
+                     "--cache-dir", str(tmp_path / "cache"))
+    p = launch(args, nproc=2, env=launch_env(source_changed_on_rank=1))
+    err = " ".join(p.stderr.split())
+    assert p.returncode != 0 and "the training data differs between ranks" in err and "rerun it" in err, p.stderr[-3000:]
+    assert not [line for line in p.stderr.splitlines() if line.strip().startswith("File ") and "greentext_dist/" in line]  # no traceback of ours
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    ok = launch(args, nproc=2)  # the same command with every rank seeing the same file
+    assert ok.returncode == 0, ok.stderr[-3000:]

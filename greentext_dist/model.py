@@ -181,12 +181,15 @@ def pad_vocab(model: GPT2LMHeadModel, multiple: int) -> None:
     model.true_vocab_size = v
 
 
-def lm_logits(model, x: torch.Tensor, position_ids: torch.Tensor | None, vocab: int) -> torch.Tensor:
-    """The one forward for training, validation and evaluation: logits over the true vocabulary (a padded
-    vocabulary's extra columns never reach a loss), with per-post positions and mask for isolated packing."""
+def lm_logits(model, x: torch.Tensor, position_ids: torch.Tensor | None, vocab: int | None = None) -> torch.Tensor:
+    """The one forward for training, validation and evaluation, with per-post positions and mask for isolated
+    packing. Logits over the first `vocab` tokens, or all the model's columns when None: engines return those,
+    and the loss cuts a padded vocabulary's extra columns itself (`token_loss_sum(..., vocab)`), so they never
+    reach a loss or get a gradient."""
     from greentext_dist.data import isolated_inputs
 
-    return model(input_ids=x, use_cache=False, **isolated_inputs(position_ids, flex=uses_flex(model))).logits[..., :vocab]
+    logits = model(input_ids=x, use_cache=False, **isolated_inputs(position_ids, flex=uses_flex(model))).logits
+    return logits if vocab is None else logits[..., :vocab]
 
 
 def save_hf(model: GPT2LMHeadModel, folder, max_shard_size: str, state_dict: dict | None = None) -> None:

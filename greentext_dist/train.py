@@ -234,7 +234,7 @@ def train_step(engine, batches: list[tuple], grad_clip: float, device, loss_fn=t
     step_loss = torch.zeros((), device=device)
     for i, (x, y, pos) in enumerate(batches):
         with engine.accumulating(last=i == len(batches) - 1):
-            loss = loss_fn(engine.forward(x, pos), y) / n_targets
+            loss = loss_fn(engine.forward(x, pos), y, engine.vocab) / n_targets
             engine.backward(loss)
         step_loss += loss.detach()
     global_loss = all_reduce_sum(step_loss)
@@ -248,7 +248,7 @@ def evaluate(engine, rows, cfg: Config, env: DistEnv, eos_id: int) -> float | No
     engine.train(False)
     eos = eos_id if cfg.data.packing == "isolated" else None
     loss = mean_token_loss(engine.forward, val_batches(rows, cfg.train.micro_batch_size, env.rank, env.world_size, cfg.train.eval_batches, eos),
-                           env.device)[0]
+                           env.device, engine.vocab)[0]
     engine.train(True)
     return loss
 

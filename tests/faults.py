@@ -39,8 +39,8 @@ def patches(nan_steps=(), disk_full: bool = False, crash_in_save: bool = False, 
             current["step"] = step + 1
             return real_lr_at(step, cfg, max_steps)
 
-        def token_loss_sum(logits, targets):
-            value = real_loss(logits, targets)
+        def token_loss_sum(logits, targets, vocab=None):
+            value = real_loss(logits, targets, vocab)
             return value * float("nan") if torch.is_grad_enabled() and current["step"] in set(nan_steps) else value
 
         out += [(optim, "lr_at", lr_at), (loss, "token_loss_sum", token_loss_sum)]

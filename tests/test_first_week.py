@@ -239,6 +239,7 @@ def test_signals_import_without_sigusr1(monkeypatch):
         importlib.reload(signals)
 
 
+@pytest.mark.slow  # launches the generate CLI
 def test_generate_prints_samples_on_stdout(corpus, tmp_path):
     import subprocess
     import sys

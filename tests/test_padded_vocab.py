@@ -48,8 +48,8 @@ def test_padded_loss_and_gradients_equal_stock_fp32():
     for model in (stock, padded):
         engine = apply_ddp(model, build_optimizer(model, OptimConfig(), env.device), env, "fp32")
         logits = engine.forward(x)
-        assert logits.shape[-1] == 50257
-        loss = token_loss_sum(logits, y) / (y != -100).sum()
+        assert logits.shape[-1] == model.config.vocab_size and engine.vocab == 50257  # the loss cuts the padded columns
+        loss = token_loss_sum(logits, y, engine.vocab) / (y != -100).sum()
         loss.backward()
         losses.append(loss.item())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -60,6 +60,25 @@ def test_padded_loss_and_gradients_equal_stock_fp32():
             assert not gp[50257:].any(), "padded rows must get no gradient"
             gp = gp[:50257]
         torch.testing.assert_close(gp, g, atol=1e-6, rtol=0)
+
+
+def test_compiled_loss_cuts_the_padded_columns_like_eager():
+    """The cut happens inside the compiled loss (so its backward writes the padded columns' zero gradient itself):
+    same loss and logits gradient as slicing before an eager loss."""
+    gen = torch.Generator().manual_seed(1)
+    wide = torch.randn(2, 16, 50304, generator=gen)
+    y = torch.randint(0, 50257, (2, 16), generator=gen)
+    y[1, :3] = -100
+    grads = []
+    for fn, cut in ((token_loss_sum, False), (torch.compile(token_loss_sum), True)):
+        logits = wide.clone().requires_grad_()
+        loss = fn(logits, y, 50257) if cut else fn(logits[..., :50257], y)
+        loss.backward()
+        grads.append((loss.item(), logits.grad))
+    (l0, g0), (l1, g1) = grads
+    assert abs(l0 - l1) <= 1e-6 * abs(l0)
+    torch.testing.assert_close(g1, g0, atol=1e-7, rtol=0)
+    assert not g1[..., 50257:].any()
 
 
 def test_padded_rows_stay_zero_through_adamw_steps():

@@ -2,7 +2,8 @@
 
 The protocol (engines/base.py, `Engine`), as train.py uses it:
 
-    logits = engine.forward(x, position_ids)       # logits over the 50,257 real tokens; autocast inside
+    logits = engine.forward(x, position_ids)       # autocast inside; columns past engine.vocab (a padded
+    loss = token_loss_sum(logits, y, engine.vocab)  # vocabulary) are cut inside the compiled loss
     with engine.accumulating(last):                # gradients sync only on the step's last micro-batch
         engine.backward(loss)                      # loss already divided by the step's global target count
     grad_norm, applied = engine.step(grad_clip, finite_loss)   # clip + update, never for a non-finite step
@@ -10,7 +11,7 @@ The protocol (engines/base.py, `Engine`), as train.py uses it:
     engine.save_state(dir); engine.load_state(dir)             # resumable optimizer/engine state, its own format
     engine.export_hf(dir, max_shard_size)                      # stock HF GPT-2 safetensors (collective)
     with engine.generation_autocast(): engine.module.generate(..., synced_gpus=engine.sharded)
-    engine.name, engine.module, engine.env, engine.can_skip, engine.sharded
+    engine.name, engine.module, engine.env, engine.can_skip, engine.sharded, engine.vocab
 
 The registry below is the one list of engines: `--backend` choices, `auto`, the planner's row, the process
 group and the defaults (compile, vocabulary padding, resume rules) all read it. Adding an engine is one

@@ -22,6 +22,7 @@ class Engine(Protocol):
     env: DistEnv
     can_skip: bool  # a non-finite step can be dropped without touching the weights
     sharded: bool  # parameters live in shards: every rank must join every forward (generation in lockstep)
+    vocab: int  # GPT-2's 50,257: forward's logits may have more columns (a padded vocabulary), which the loss cuts
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor: ...
     def accumulating(self, last: bool) -> ContextManager: ...

@@ -29,7 +29,7 @@ class LocalEngine:
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         with autocast(self.env.device, self.precision or "fp32"):
-            return lm_logits(self.model, x, position_ids, self.vocab)
+            return lm_logits(self.model, x, position_ids)
 
     def generation_autocast(self):
         return autocast(self.env.device, self.precision or "fp32")

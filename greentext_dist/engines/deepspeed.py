@@ -100,7 +100,7 @@ class DeepSpeedEngine:
         self.vocab = true_vocab(model)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return lm_logits(self.engine, x, position_ids, self.vocab)
+        return lm_logits(self.engine, x, position_ids)
 
     def generation_autocast(self):
         return contextlib.nullcontext()  # the module's weights are bf16 already under bf16

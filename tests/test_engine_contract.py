@@ -6,7 +6,7 @@ import inspect
 import pytest
 from transformers import GPT2LMHeadModel
 
-from conftest import launch, run_inprocess, tiny_args, train_losses
+from conftest import launch, reference_run, tiny_args, train_losses
 from greentext_dist.config import build_parser
 from greentext_dist.engines import ENGINES, Engine, EngineSpec, ddp, deepspeed, fsdp
 
@@ -32,12 +32,7 @@ def test_registry_is_the_one_list_of_engines():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from conftest import write_posts
-
-    d = tmp_path_factory.mktemp("contract")
-    data = write_posts(d / "posts.jsonl")
-    assert run_inprocess(tiny_args(data, d / "ref", *RUN)) == 0
-    return data, train_losses(d / "ref")
+    return reference_run(tmp_path_factory, RUN)[:2]
 
 
 @pytest.mark.slow

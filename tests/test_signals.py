@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TRAIN, run_inprocess, tiny_args, train_losses, write_posts
+from conftest import ROOT, TRAIN, reference_run, run_inprocess, tiny_args, train_losses
 
 RUN = ["--global-batch-size", "4", "--micro-batch-size", "2", "--max-steps", "40", "--eval-every", "0", "--lr", "1e-3"]
 
@@ -17,10 +17,7 @@ RUN = ["--global-batch-size", "4", "--micro-batch-size", "2", "--max-steps", "40
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The corpus and its uninterrupted one-rank run, shared by every test here."""
-    d = tmp_path_factory.mktemp("signals")
-    corpus = write_posts(d / "posts.jsonl")
-    assert run_inprocess(tiny_args(corpus, d / "ref1", *RUN)) == 0
-    return corpus, train_losses(d / "ref1")
+    return reference_run(tmp_path_factory, RUN)[:2]
 
 
 def start(args, nproc):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 import torch
 
+from greentext_dist.attention import dense_doc_mask, flex_doc_mask
 from greentext_dist.errors import UserError
 from greentext_dist.hub import hub_offline, is_local
 from greentext_dist.store import background, local_files
@@ -300,6 +301,7 @@ class TrainData:
 
     def __init__(self, stores: list, selections: list[np.ndarray], weights: list[float], seq_len: int, seed: int):
         self.stores, self.selections, self.weights, self.T, self.seed = stores, selections, weights, seq_len, seed
+        self.store_names = [s.path.name for s in stores]  # what the data is: checkpoints record it, ranks compare it
 
     @functools.lru_cache(maxsize=2)  # the current epoch, and the next one while crossing over  # noqa: B019
     def epoch(self, e: int) -> Packed:
@@ -427,8 +429,6 @@ def isolated_inputs(position_ids: torch.Tensor | None, flex: bool = False) -> di
     """Model inputs for isolated packing: restarted positions and a block-diagonal causal mask, as a 4-D bool mask
     that transformers hands to SDPA unchanged, or as a FlexAttention block mask (`flex`). (transformers' own
     packed-sequence detection from position ids only remaps positions and still lets a post see the posts before it.)"""
-    from greentext_dist.attention import dense_doc_mask, flex_doc_mask
-
     if position_ids is None:
         return {}
     return {"position_ids": position_ids, "attention_mask": (flex_doc_mask if flex else dense_doc_mask)(position_ids)}

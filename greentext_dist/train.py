@@ -342,7 +342,7 @@ def trainer_state(run: Run) -> dict:
     return {"step": p.step, "tokens": int(p.tokens.item()), "data": p.data.to_dict(), "max_steps": run.plan.max_steps,
             "bad_steps": p.bad_steps, "world_size": env.world_size, "backend": run.cfg.train.backend, "config": run.cfg.to_dict(),
             "best": run.checkpointer.best, "since_best": run.checkpointer.since_best,
-            "stores": [s.path.name for s in run.train_data.stores]}
+            "stores": run.train_data.store_names}
 
 
 # Settings that change what a run is: resuming under different values would silently continue another experiment.
@@ -429,7 +429,7 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
     train_data, val = everywhere(training_data, cfg.data, tokenizer, cfg.train.seed, progress=env.is_main, defer=not env.is_main)
     # Each rank keyed its stores itself: a source that changed while the job started (a new hub commit, a file edited)
     # would otherwise give ranks different data without a word.
-    check_same(" + ".join(s.path.name for s in train_data.stores) + (f"; validation {len(val.packed)} posts, {val.packed.total} tokens" if val else ""),
+    check_same(" + ".join(train_data.store_names) + (f"; validation {len(val.packed)} posts, {val.packed.total} tokens" if val else ""),
                "the training data", "the source changed while the job started: rerun it (every rank then finds the same data)")
     corpus = corpus_of(train_data)
     if val is None and cfg.data.val_fraction > 0 and env.is_main:
@@ -468,7 +468,7 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
         print_summary(run, sources)
     if state and state["max_steps"] != plan.max_steps:
         log.warning(f"the checkpoint was planned for {state['max_steps']} steps, this run for {plan.max_steps}: the lr schedule changes")
-    stores = [s.path.name for s in train_data.stores]
+    stores = train_data.store_names
     if state and state.get("stores", stores) != stores and env.is_main:
         log.warning(f"the training data changed since the checkpoint (token stores {', '.join(state['stores'])} -> {', '.join(stores)}): "
                     f"the run continues at epoch {progress.data.epoch}, row {progress.data.row} of the new data's order")

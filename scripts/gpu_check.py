@@ -244,6 +244,16 @@ BENCH = [
 DONE: dict[str, dict] = {}
 
 
+def run_capture(cmd: list[str], limit_s: float) -> tuple[int | str, str]:
+    """(exit code or "timeout", stdout + stderr) of cmd, given at most limit_s and what is left of the budget."""
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30, min(limit_s, BUDGET_S - elapsed() - 20)))
+        return p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return "timeout", out
+
+
 def bench(res: Path, rows: list) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     profile = res / "profile.txt"
@@ -265,11 +275,7 @@ def bench(res: Path, rows: list) -> None:
         cmd = [sys.executable, "scripts/bench.py", "--steps", "8", "--warmup", "3", "--rounds", "1", "--no-baseline",
                "--json", str(WORK / "bench.jsonl"), *argv, *prof]
         t = time.time()
-        try:
-            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30, min(200, BUDGET_S - elapsed() - 20)))
-            rc, text = p.returncode, p.stdout + p.stderr
-        except subprocess.TimeoutExpired as e:
-            rc, text = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rc, text = run_capture(cmd, 200)
         rows = (WORK / "bench.jsonl").read_text().splitlines() if (WORK / "bench.jsonl").exists() else []
         row = json.loads(rows[-1]) if rc == 0 and rows else {"failed": rc, "tail": text[-2000:], "command": "python scripts/bench.py " + args}
         DONE[label] = row
@@ -286,11 +292,7 @@ def train_timing(res: Path, label: str, extra: list[str]) -> None:
     cmd = [sys.executable, "greentext_dist/train.py", *shape, "--init", "scratch", "--dataset", str(corpus), "--dropout", "0",
            "--max-steps", "30", "--eval-every", "0", "--val-fraction", "0", "--output-dir", str(out), *extra]
     t = time.time()
-    try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30, min(200, BUDGET_S - elapsed() - 20)))
-        rc, text = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired:
-        rc, text = "timeout", ""
+    rc, text = run_capture(cmd, 200)
     steps = train_losses(out)
     tps = [s for n, _, s in steps if n > 10 and s]  # with --log-every 10: the line at step 20 covers steps 11-20
     ref = DONE.get(BENCH[0][0])
@@ -308,11 +310,7 @@ def flex(res: Path) -> None:
     """--attention flex against the dense mask: loss and gradients (GPU), fp32, bf16 and compiled."""
     model, micro, T = ("tiny", "2", "256") if DRY else ("small", "4", "1024")
     cmd = [sys.executable, "scripts/check_flex.py", "--model", model, "--micro-batch-size", micro, "--seq-len", T]
-    try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30, min(240, BUDGET_S - elapsed() - 20)))
-        rc, text = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired:
-        rc, text = "timeout", ""
+    rc, text = run_capture(cmd, 240)
     line = next((json.loads(t) for t in reversed(text.splitlines()) if t.startswith('{"source": "check_flex.py"')), None)
     record(res, {**(line or {"source": "check_flex.py", "ok": False, "tail": text[-2000:]}), "run": "flex-equivalence", "rc": rc})
 

@@ -78,6 +78,7 @@ print("EQUAL")
 
 
 TIE = """
+import sys
 import torch
 from greentext_dist.config import ModelConfig, OptimConfig
 from greentext_dist.dist import init_distributed
@@ -93,7 +94,8 @@ x = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(env.
 engine.backward(engine.forward(x).float().logsumexp(-1).mean())
 engine.step(1.0, torch.tensor(True))
 assert model.lm_head.weight is model.transformer.wte.weight
-print("TIED", env.rank, flush=True)
+sys.stdout.write(f"TIED {env.rank}\\n")  # one write (print() unbuffered writes in pieces, and the ranks share the pipe)
+sys.stdout.flush()
 torch.distributed.destroy_process_group()
 import os; os._exit(0)  # as train.py: skip teardown, where gloo threads rarely abort
 """

@@ -220,19 +220,45 @@ def cache_dir(setting: str | None) -> Path:
     return Path(setting).expanduser() if setting else default_cache_dir()
 
 
-def prepare_source(name: str, text_field: str | None, tokenizer, cache: Path, *, mix: bool = False,
+def prepare_source(name: str, text_field: str | None, tokenizer, cache: Path, *, mix: bool = False, revision: str | None = None,
                    repair: bool = False, rebuild: bool = False, progress: bool = True, defer: bool = False):
-    """The token store of one source (built on first use). `mix`: read it as a --mix source."""
+    """The token store of one source (built on first use). `mix`: read it as a --mix source. `revision`: a hub
+    source's commit, if already looked up (see hub_revisions)."""
     from greentext_dist import store
-    from greentext_dist.hellaswag import HUB_ID
 
-    hub_hellaswag = mix and name.lower() == "hellaswag"
-    if not hub_hellaswag:
+    key_name = stored_name(name, mix)
+    if key_name == name:
         check_source_name(name)
-    key_name = HUB_ID if hub_hellaswag else name
     text = f"{'mix' if mix else 'post'}:{text_field or 'auto'}"
     posts = (lambda rev: mix_posts(name, rev)) if mix else (lambda rev: source_posts(name, text_field, rev))
-    return store.ensure(key_name, text, tokenizer, posts, cache, repair=repair, rebuild=rebuild, progress=progress, defer=defer)
+    return store.ensure(key_name, text, tokenizer, posts, cache, revision=revision, repair=repair, rebuild=rebuild, progress=progress,
+                        defer=defer)
+
+
+def stored_name(name: str, mix: bool = False) -> str:
+    """The name a source's store is keyed by: `--mix hellaswag` is HellaSwag's hub id."""
+    from greentext_dist.hellaswag import HUB_ID
+
+    return HUB_ID if mix and name.lower() == "hellaswag" else name
+
+
+def hub_sources(d) -> list[str]:
+    """The stored names of --dataset, --val-dataset and the --mix sources."""
+    return [d.dataset, *([d.val_dataset] if d.val_dataset else []), *(stored_name(name, mix=True) for name, _ in parse_mix(d.mix))]
+
+
+def source_commit(name: str) -> str | None:
+    """A source's current hub commit: None for a local one or while the hub is unreachable."""
+    from greentext_dist import store
+
+    check_source_name(name)
+    return store.hub_commit(name)
+
+
+def hub_revisions(d) -> dict[str, str]:
+    """The current commit of each hub source of this run. Training asks on rank 0 only and hands the answer to every
+    rank: hundreds of ranks asking the hub's API at once get rate-limited, and could each see a different commit."""
+    return {name: rev for name in hub_sources(d) if (rev := source_commit(name))}
 
 
 def check_source_name(name: str) -> None:
@@ -371,11 +397,14 @@ class Corpus:
     rows: int
 
 
-def training_data(d, tokenizer, seed: int, *, progress: bool = True, defer: bool = False) -> tuple[TrainData, ValRows | None]:
-    """--dataset (minus its held-out posts), the --mix sources, and the validation rows, from their token stores."""
+def training_data(d, tokenizer, seed: int, *, revisions: dict[str, str] | None = None, progress: bool = True,
+                  defer: bool = False) -> tuple[TrainData, ValRows | None]:
+    """--dataset (minus its held-out posts), the --mix sources, and the validation rows, from their token stores.
+    `revisions`: hub_revisions(d), when already looked up."""
     cache = cache_dir(d.cache_dir)
     common = dict(progress=progress, defer=defer)
-    main = prepare_source(d.dataset, d.text_field, tokenizer, cache, **common)
+    rev = (revisions or {}).get
+    main = prepare_source(d.dataset, d.text_field, tokenizer, cache, revision=rev(d.dataset), **common)
     if main.n_posts == 0:
         raise UserError(f"dataset {d.dataset} holds no non-blank posts", "point --dataset at a file with text (or fix --text-field)")
     held = main.val_mask(0.0 if d.val_dataset else d.val_fraction)
@@ -385,7 +414,7 @@ def training_data(d, tokenizer, seed: int, *, progress: bool = True, defer: bool
                         "lower --val-fraction, add posts, or pass a separate --val-dataset")
     stores, selections, weights = [main], [train_ids], [1.0]
     for name, w in parse_mix(d.mix):
-        s = prepare_source(name, None, tokenizer, cache, mix=True, **common)
+        s = prepare_source(name, None, tokenizer, cache, mix=True, revision=rev(stored_name(name, mix=True)), **common)
         if s.n_posts == 0:
             raise UserError(f"--mix source {name} holds no posts", "remove it or point it at a file with text")
         stores.append(s)
@@ -394,7 +423,7 @@ def training_data(d, tokenizer, seed: int, *, progress: bool = True, defer: bool
     weights[0] = 1 - sum(weights[1:])
     train = TrainData(stores, selections, weights, d.seq_len, seed)
     if d.val_dataset:
-        v = prepare_source(d.val_dataset, d.text_field, tokenizer, cache, **common)
+        v = prepare_source(d.val_dataset, d.text_field, tokenizer, cache, revision=rev(d.val_dataset), **common)
         val = validation_rows(v, np.arange(v.n_posts), d.seq_len)
     else:
         val = validation_rows(main, np.flatnonzero(held), d.seq_len) if held.any() else None

@@ -48,10 +48,12 @@ def val_loss(model, tokenizer, a, env) -> dict:
 
 def dataset_store(a, tokenizer, env):
     """--dataset's token store: the one training used (same key), built here if missing."""
-    from greentext_dist.data import cache_dir, prepare_source
-    from greentext_dist.dist import everywhere
+    from greentext_dist.data import cache_dir, prepare_source, source_commit
+    from greentext_dist.dist import everywhere, on_main
 
-    return everywhere(prepare_source, a.dataset, a.text_field, tokenizer, cache_dir(a.cache_dir), progress=env.is_main, defer=not env.is_main)
+    revision = on_main(source_commit, a.dataset)  # asked once for all ranks
+    return everywhere(prepare_source, a.dataset, a.text_field, tokenizer, cache_dir(a.cache_dir), revision=revision, progress=env.is_main,
+                      defer=not env.is_main)
 
 
 def hellaswag(model, tokenizer, a, env) -> dict:

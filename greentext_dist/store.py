@@ -107,19 +107,28 @@ class Key:
         return f"{slug}-{self.digest()}"
 
 
-def source_key(name: str, text: str, tokenizer_fp: str) -> Key | None:
-    """The key of `name` now; None for a hub dataset while the hub is unreachable (see `find_offline`)."""
+def hub_commit(name: str) -> str | None:
+    """A hub dataset's current commit; None for a local source, or while the hub is unreachable."""
     from greentext_dist.hub import hub_offline, is_local
 
-    if is_local(name):
-        return Key(name, json.dumps(local_fingerprint(name)), text, tokenizer_fp)
-    if hub_offline():
+    if is_local(name) or hub_offline():
         return None
     try:
-        return Key(name, f"hub:{hub_revision(name)}", text, tokenizer_fp)
+        return hub_revision(name)
     except Exception as e:  # noqa: BLE001 - not found, gated, network: all one line for the user
         raise UserError(f"cannot look up dataset '{name}' on the Hugging Face hub ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})",
                         "check the id (and huggingface-cli login for gated datasets), or pass a local file or folder") from None
+
+
+def source_key(name: str, text: str, tokenizer_fp: str, revision: str | None = None) -> Key | None:
+    """The key of `name` now; None for a hub dataset while the hub is unreachable (see `find_offline`). `revision`:
+    the hub commit, when already looked up (training asks once, on rank 0, for every rank)."""
+    from greentext_dist.hub import is_local
+
+    if is_local(name):
+        return Key(name, json.dumps(local_fingerprint(name)), text, tokenizer_fp)
+    revision = revision or hub_commit(name)
+    return Key(name, f"hub:{revision}", text, tokenizer_fp) if revision else None
 
 
 # ---------------------------------------------------------------- reading
@@ -228,13 +237,14 @@ def locked(lock_path: Path, what: str):
 
 
 def ensure(source: str, text: str, tokenizer, posts: Callable[[str | None], Iterator[str]], cache_dir: Path, *,
-           repair: bool = False, rebuild: bool = False, progress: bool = True, defer: bool = False) -> Store:
+           revision: str | None = None, repair: bool = False, rebuild: bool = False, progress: bool = True,
+           defer: bool = False) -> Store:
     """The store of `source`, built if missing (under a lock, atomically); `posts(revision)` yields its texts.
-    repair: rebuild a damaged store instead of refusing it. defer: when it must be built, let another rank (the one
-    that shows progress) take the lock first."""
+    revision: a hub dataset's commit, if already looked up. repair: rebuild a damaged store instead of refusing it.
+    defer: when it must be built, let another rank (the one that shows progress) take the lock first."""
     cache_dir = Path(cache_dir).expanduser()
     tok_fp = tokenizer_fingerprint(tokenizer)
-    key = source_key(source, text, tok_fp)
+    key = source_key(source, text, tok_fp, revision)
     if key is None:  # a hub dataset, offline
         found = find_offline(cache_dir, source, text, tok_fp)
         if found is None:
@@ -268,7 +278,7 @@ def ensure(source: str, text: str, tokenizer, posts: Callable[[str | None], Iter
             shutil.rmtree(stale, ignore_errors=True)  # left by a build that died (we hold the lock)
         revision = key.origin[4:] if key.origin.startswith("hub:") else None
         build(path, key, tokenizer, posts(revision), progress, estimate_posts(source))
-        if source_key(source, text, tok_fp) != key:
+        if source_key(source, text, tok_fp, revision) != key:  # a local source changed (a hub build read one commit)
             retire(path)
             raise UserError(f"dataset {source} changed while its token store was being built (nothing was kept)",
                             "rerun once the files are complete, or prepare from a copy that nothing writes to")

@@ -36,7 +36,7 @@ import torch
 from greentext_dist import attention, checkpoint as ckpt
 from greentext_dist.config import Config, parse_args_with_sources, to_toml
 from greentext_dist.data import (
-    Corpus, DataState, TrainData, TrainLoader, ValRows, corpus_of, parse_mix, training_data, val_batches, val_corpus,
+    Corpus, DataState, TrainData, TrainLoader, ValRows, corpus_of, hub_revisions, parse_mix, training_data, val_batches, val_corpus,
 )
 from greentext_dist.dist import DistEnv, all_reduce_sum, check_same, everywhere, init_distributed, on_main, preflight, shutdown
 from greentext_dist.engines import ENGINES, Engine, EngineSpec, resolve_backend
@@ -426,7 +426,9 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
     # Data: the token stores (built on first use: every rank takes the lock in turn, no collective waits on it),
     # their size, and the plan that follows from it.
     tokenizer = load_tokenizer(cfg.model.tokenizer)
-    train_data, val = everywhere(training_data, cfg.data, tokenizer, cfg.train.seed, progress=env.is_main, defer=not env.is_main)
+    revisions = on_main(hub_revisions, cfg.data)  # a hub dataset's commit, asked once for all ranks
+    train_data, val = everywhere(training_data, cfg.data, tokenizer, cfg.train.seed, revisions=revisions, progress=env.is_main,
+                                 defer=not env.is_main)
     # Each rank keyed its stores itself: a source that changed while the job started (a new hub commit, a file edited)
     # would otherwise give ranks different data without a word.
     check_same(" + ".join(train_data.store_names) + (f"; validation {len(val.packed)} posts, {val.packed.total} tokens" if val else ""),

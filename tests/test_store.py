@@ -197,8 +197,8 @@ def test_hub_store_is_found_offline(corpus, tmp_path):
 
 @pytest.fixture
 def hub(monkeypatch):
-    """A local stand-in for the hub's API (HF_ENDPOINT): every dataset has commit `sha`; `lookups` lists each dataset
-    lookup it answered. While it runs, the hub counts as reachable in this process."""
+    """A local stand-in for the hub's API (HF_ENDPOINT): every dataset but ORG/missing has commit `sha`; `lookups` lists
+    each dataset lookup it answered. While it runs, the hub counts as reachable in this process."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -211,6 +211,7 @@ def hub(monkeypatch):
             found = re.fullmatch(r"/api/datasets/([^/]+/[^/?]+)(/revision/[^?]+)?(\?.*)?", self.path)
             if found:
                 lookups.append(found[1])
+                found = None if found[1].endswith("/missing") else found
             body = json.dumps({"id": found[1], "sha": sha, "private": False} if found else {"error": "not found"}).encode()
             self.send_response(200 if found else 404)
             self.send_header("Content-Type", "application/json")
@@ -262,6 +263,8 @@ def test_hub_commit_is_looked_up_once_and_reused(corpus, tmp_path, hub):
     assert hub["lookups"] == ["someone/greentext"]
     with pytest.raises(UserError, match="does not exist"):
         hub_revisions(data_config(str(tmp_path / "missing.jsonl"), 16))  # a path, never sent to the hub
+    with pytest.raises(UserError, match="cannot look up dataset 'someone/missing' on the Hugging Face hub.*check the id"):
+        hub_revisions(data_config("someone/missing", 16))
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ previous checkpoints untouched, and a folder without a valid manifest is never r
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -212,11 +213,17 @@ def _collectively(fn, env, tmp: Path, step: int) -> None:
         previous = latest.read_text().strip() if latest.exists() else None
         where = getattr(error, "filename", None) or str(tmp)
         why = (getattr(error, "strerror", None) or f"{type(error).__name__}: {error}") if error else "another rank failed to write its part"
+        if error is None:
+            fix = "see the failing rank's error above, then rerun the same command to resume"
+        elif isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free disk space (or point --output-dir at a larger disk) and rerun the same command to resume"
+        elif isinstance(error, OSError):
+            fix = f"check that {tmp.parent} can be written (permissions, a mounted disk) and rerun the same command to resume"
+        else:
+            fix = "rerun the same command to resume; if the same error comes back, please report it with this message"
         raise UserError(
             f"saving checkpoint step-{step} failed: {why} ({where}); the partial save was removed"
-            + (f" and {previous} is intact" if previous else ""),
-            "free disk space (or point --output-dir at a larger disk) and rerun the same command to resume",
-        )
+            + (f" and {previous} is intact" if previous else ""), fix)
     barrier()
 
 

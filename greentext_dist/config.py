@@ -318,7 +318,25 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--val-fraction must be in [0, 1), got {d.val_fraction}", "use e.g. 0.05")
     if not 0 <= cfg.model.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {cfg.model.dropout}", "use e.g. 0.1")
+    for flag, value in {"--beta1": o.beta1, "--beta2": o.beta2}.items():
+        if not 0 <= value < 1:
+            raise UserError(f"{flag} must be in [0, 1), got {value}", "use AdamW's usual 0.9 (--beta1) and 0.999 (--beta2)")
+    if not 0 <= t.seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2**32), got {t.seed}", "pass e.g. --seed 0")
+    check_shard_size(cfg.checkpoint.max_shard_size)
     if o.min_lr > o.lr:
         raise UserError(f"--min-lr {o.min_lr} is above --lr {o.lr}", "lower --min-lr")
     if cfg.model.model == "tiny" and cfg.model.init == "pretrained" and not cfg.model.model_path:
         raise UserError("--model tiny has no pretrained weights", "use --init scratch, or --model-path DIR")
+
+
+def check_shard_size(size: str) -> None:
+    """--max-shard-size as save_pretrained reads it, checked now rather than at the first save."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        ok = convert_file_size_to_int(size) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError(f"--max-shard-size {size!r} is not a size", "write a number and a unit, e.g. --max-shard-size 2GB (or 500MB)")

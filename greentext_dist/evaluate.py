@@ -19,6 +19,7 @@ import torch
 
 from greentext_dist.engines.base import autocast
 from greentext_dist.errors import UserError
+from greentext_dist.rundir import writable_file
 from greentext_dist.ui import console, fail, results, setup_logging
 
 
@@ -137,9 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_outputs(a) -> None:
+    """Rank 0 writes the results: check now that it can, so a long evaluation never loses them at the end."""
+    report = ("--report", report_path(a)) if a.task == "robustness" else ("", None)
+    for flag, path in (("--output", a.output), ("--log-samples", a.log_samples), report):
+        if path:
+            writable_file(path, flag)
+
+
+def report_path(a) -> str:
+    return a.report or (str(Path(a.output).with_suffix(".md")) if a.output else "robustness.md")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from greentext_dist.dist import init_distributed
-    from greentext_dist.generate import load
+    from greentext_dist.dist import init_distributed, on_main
+    from greentext_dist.generate import check_sampling, load
 
     a = build_parser().parse_args(argv)
     env = init_distributed()
@@ -150,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--{flag.replace('_', '-')} must be at least 1", "pass a positive value")
         if a.limit is not None and a.limit < 1:
             raise UserError("--limit must be at least 1", "pass a positive number of items, or leave it out")
+        if a.task == "robustness":
+            check_sampling(a.temperature, a.top_k, a.top_p)
+        on_main(check_outputs, a)
         a.precision = a.precision or ("bf16" if env.device.type == "cuda" else "fp32")
         model, tokenizer = load(a.checkpoint, str(env.device))
         if a.seq_len > model.config.n_positions:
@@ -171,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(a.output).parent.mkdir(parents=True, exist_ok=True)
             Path(a.output).write_text(json.dumps(result, indent=1) + "\n")
         if a.task == "robustness":
-            report = Path(a.report or (Path(a.output).with_suffix(".md") if a.output else "robustness.md"))
+            report = Path(report_path(a))
             report.write_text(robustness_markdown(result, a.checkpoint))
             console.print(f"report: {report}")
     if torch.distributed.is_initialized():

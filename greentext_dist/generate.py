@@ -15,6 +15,7 @@ from rich.text import Text
 
 from greentext_dist.errors import UserError
 from greentext_dist.model import check_gpt2_dir, load_weights, true_vocab
+from greentext_dist.rundir import writable_file
 from greentext_dist.tokenizer import load_tokenizer
 from greentext_dist.ui import fail, results, setup_logging
 
@@ -42,9 +43,15 @@ def generate_batch(model, tokenizer, texts: list[str], *, num_samples: int = 1, 
                    top_k: int = 50, top_p: float = 0.95, seed: int = 0, synced_gpus: bool = False) -> list[list[str]]:
     """Raw texts (already formatted) -> num_samples continuations each, all in one left-padded batch.
     Every text starts after <|endoftext|>, as every post does in training. temperature 0 is greedy."""
+    check_sampling(temperature, top_k, top_p)
     eos = tokenizer.eos_token_id
     rows = [[eos] + tokenizer.encode(t) for t in texts for _ in range(num_samples)]
     width = max(map(len, rows))
+    positions = model.config.n_positions
+    if width + max_new_tokens > positions:
+        raise UserError(f"the prompt ({width} tokens with the opening <|endoftext|>) and --max-new-tokens {max_new_tokens} do not fit "
+                        f"the model's {positions} positions",
+                        f"use --max-new-tokens {positions - width} or less" if width < positions else "use a shorter prompt")
     input_ids = torch.tensor([[eos] * (width - len(r)) + r for r in rows], device=model.device)
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
     torch.manual_seed(seed)
@@ -61,6 +68,15 @@ def generate_batch(model, tokenizer, texts: list[str], *, num_samples: int = 1, 
             row = row[:row.index(eos)]
         samples.append(texts[i // num_samples] + tokenizer.decode(row))
     return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(texts))]
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if temperature < 0:
+        raise UserError(f"--temperature must not be negative, got {temperature}", "use e.g. 0.8 (0 is greedy decoding)")
+    if top_k < 0:
+        raise UserError(f"--top-k must not be negative, got {top_k}", "use e.g. 50 (0 turns top-k off)")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}", "use e.g. 0.95 (1 turns top-p off)")
 
 
 def show(samples: list[str]) -> None:
@@ -99,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.num_samples < 1 or a.max_new_tokens < 1:
             raise UserError("--num-samples and --max-new-tokens must be at least 1", "pass positive values")
+        check_sampling(a.temperature, a.top_k, a.top_p)
+        if a.output:
+            writable_file(a.output, "--output")
         model, tokenizer = load(a.checkpoint)
         samples = generate(model, tokenizer, a.prompt, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
                            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,

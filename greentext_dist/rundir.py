@@ -43,13 +43,31 @@ def _stale(info: dict) -> str | None:
     return None
 
 
+def _make_writable_dir(folder: Path) -> None:
+    """Create `folder` if needed and write a file in it; an OSError says why it cannot be written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
+
+
+def writable_file(path: str, flag: str) -> None:
+    """Check before the work that the result file `path` (given by `flag`) can be written, creating its folder, so
+    that a long evaluation never ends in an error that loses its result."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"{flag} {path} is a folder", f"pass a file path, e.g. {flag} {p / 'results.json'}")
+    try:
+        _make_writable_dir(p.parent)
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written: {p.parent} is not a writable folder ({e.strerror})",
+                        "pick a path in a folder you can write to") from None
+
+
 def claim(out: Path, resume: str, overwrite: bool) -> Path:
     """Create OUT if needed, check it is writable, apply the resume/overwrite rule and take the lock."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        _make_writable_dir(out)
     except OSError as e:
         raise UserError(f"--output-dir {out} is not writable ({e.strerror})", "pick a folder you can write to, or fix its permissions") from None
     lock = out / LOCK

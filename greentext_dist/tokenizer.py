@@ -35,7 +35,13 @@ def bundled_gpt2() -> GPT2TokenizerFast:
 
 def load_tokenizer(name: str = "gpt2") -> PreTrainedTokenizerBase:
     if is_local(name):
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        try:
+            tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        except Exception as e:  # noqa: BLE001 - missing or damaged files: transformers raises many kinds, all one line here
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"could not load a tokenizer from {name} ({type(e).__name__}: {first})",
+                            "point --tokenizer at a folder with tokenizer.json (or vocab.json + merges.txt), e.g. OUT/final, "
+                            "or pass --tokenizer gpt2") from None
     elif hub_offline():
         try:
             tok = AutoTokenizer.from_pretrained(name, local_files_only=True)

@@ -32,6 +32,10 @@ def _bad_cases(tmp_path, corpus):
         "hub dataset offline": (["--dataset", "someone/corpus"], "--dataset DIR"),
         "no full step": (["--global-batch-size", "512", "--micro-batch-size", "8", "--epochs", "1"], "give no full step"),
         "bad config file": (["--config", str(cfg)], "'optim.lr' must be float"),
+        "beta outside [0, 1)": (["--beta1", "1.5"], "--beta1 must be in [0, 1), got 1.5"),
+        "negative seed": (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+        # Checked at start: save_pretrained would only refuse it at the first save, after the training it cost.
+        "shard size that is not a size": (["--max-shard-size", "big"], "--max-shard-size 'big' is not a size"),
     }
 
 
@@ -84,6 +88,7 @@ def _more_cases(tmp_path, corpus, ckpt_tiny):
         "WORLD_SIZE without MASTER_ADDR": ([], "MASTER_ADDR is not", {"WORLD_SIZE": "4"}),
         "bad --mix": (["--mix", "hellaswag=2"], "between 0 and 1", {}),
         "negative max-bad-steps": (["--max-bad-steps", "-1"], "--max-bad-steps must not be negative", {}),
+        "tokenizer folder without tokenizer files": (["--tokenizer", str(tmp_path)], f"could not load a tokenizer from {tmp_path}", {}),
     }
 
 

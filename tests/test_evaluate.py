@@ -90,6 +90,35 @@ def test_generate_cli_prefix_and_output(model_dir, tmp_path):
 # ---------------------------------------------------------------- HellaSwag
 
 
+def test_generate_and_evaluate_refuse_bad_settings_before_the_work(model_dir, tmp_path, capsys):
+    """Sampling settings, a length past the model's positions, and an output that cannot be written: one line each,
+    before any sampling or scoring (an evaluation never ends by losing its result)."""
+    from greentext_dist.evaluate import main as evaluate
+    from greentext_dist.generate import main as generate
+
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    cases = {
+        "negative temperature": (["--temperature", "-1"], "--temperature must not be negative"),
+        "negative top-k": (["--top-k", "-3"], "--top-k must not be negative"),
+        "top-p above 1": (["--top-p", "2"], "--top-p must be in (0, 1]"),
+        "past the positions": (["--max-new-tokens", "5000"], "do not fit the model's 1024 positions. Fix: use --max-new-tokens 1020 or less"),
+        "output under a file": (["--output", str(afile / "s.jsonl")], f"--output {afile / 's.jsonl'} cannot be written"),
+        "output is a folder": (["--output", str(tmp_path)], "is a folder"),
+    }
+    for name, (extra, expected) in cases.items():
+        assert generate([str(model_dir), "--num-samples", "1", *extra]) == 2, name
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and expected in lines[0] and "Fix: " in lines[0], (name, err[-1500:])
+    assert generate([str(model_dir), "--num-samples", "1", "--max-new-tokens", "4", "--output", str(tmp_path / "new" / "s.jsonl")]) == 0
+    assert len((tmp_path / "new" / "s.jsonl").read_text().splitlines()) == 1  # its folder is created
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps(i) + "\n" for i in make_items(2)))
+    assert evaluate([str(model_dir), "--task", "hellaswag", "--data", str(items), "--output", str(afile / "r.json")]) == 2
+    assert "--output" in capsys.readouterr().err
+
+
 def test_harness_preprocessing():
     doc = {"activity_label": "Roof shingle removal", "ctx_a": "A man is on a roof.", "ctx_b": "he", "endings": ["a [step] b", "c"], "label": "1"}
     item = hs.to_item(doc)

@@ -186,7 +186,8 @@ def _apply(cfg: Config, section: str, name: str, value, source: str) -> None:
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise UserError(f"{source}: '{section}.{name}' must be a list of strings, got {value!r}", 'write e.g. ["hellaswag=0.1"]')
     elif value is not None and not isinstance(value, tp):
-        raise UserError(f"{source}: '{section}.{name}' must be {tp.__name__}, got {value!r}", f"write a {tp.__name__}")
+        what = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, tp.__name__)
+        raise UserError(f"{source}: '{section}.{name}' must be {tp.__name__}, got {value!r}", f"write {what}")
     setattr(sec, name, value)
 
 
@@ -195,7 +196,10 @@ def load_file(path: str) -> dict:
     if not p.is_file():
         raise UserError(f"config file {path} does not exist", "pass an existing .toml, .yaml or .json file to --config")
     text = p.read_text()
-    kind = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}.get(p.suffix.lower(), "JSON")
+    kind = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}.get(p.suffix.lower())
+    if kind is None:
+        raise UserError(f"config file {path} has no .toml, .yaml or .json suffix (the suffix picks the format)",
+                        "rename it to end in .toml, .yaml, .yml or .json")
     try:
         if kind == "YAML":
             import yaml

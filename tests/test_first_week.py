@@ -63,6 +63,13 @@ def test_yaml_config_and_clear_errors(tmp_path):
     j.write_text("optim:\n  lr: 0.002\n")  # YAML in a .json file: named as JSON, with the fix
     with pytest.raises(UserError, match="is not valid JSON"):
         parse_args(["--config", str(j)])
+    ini = tmp_path / "run.ini"
+    ini.write_text("[optim]\nlr = 0.002\n")
+    with pytest.raises(UserError, match="has no .toml, .yaml or .json suffix.*rename it"):
+        parse_args(["--config", str(ini)])
+    y.write_text("train:\n  max_steps: ten\n")
+    with pytest.raises(UserError, match="'train.max_steps' must be int, got 'ten'. Fix: write an integer"):
+        parse_args(["--config", str(y)])
 
 
 @pytest.mark.slow  # ~20 s of training runs: kept out of the fast tier

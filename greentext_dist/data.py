@@ -57,6 +57,8 @@ def open_dataset(name: str, revision: str | None = None) -> IterableDataset:
         builder = kinds.pop()
         # .txt: one post per blank-line-separated paragraph, since greentext posts span several lines.
         extra = {"sample_by": "paragraph"} if builder == "text" else {}
+        if builder == "json" and (field := records_field(files)):
+            extra["field"] = field
         return load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True, **extra)
     if hub_offline():
         raise UserError(
@@ -64,6 +66,34 @@ def open_dataset(name: str, revision: str | None = None) -> IterableDataset:
             f"download it elsewhere (huggingface-cli download --repo-type dataset {name} --local-dir DIR) and pass --dataset DIR",
         )
     return load_dataset(name, data_files=KNOWN_DATA_FILES.get(name), split="train", streaming=True, revision=revision)
+
+
+def records_field(files: list[Path]) -> str | None:
+    """The key that holds the records when every .json file is one object with them in a list (SQuAD's {"data": [...]}),
+    which `datasets` reads only when told the key; None for JSON lines or a top-level list."""
+    import json
+
+    fields = set()
+    for f in files:
+        with open(f, "rb") as fh:
+            head = fh.read(1 << 16).lstrip()
+        if not head.startswith(b"{"):
+            return None
+        try:
+            json.loads(head.split(b"\n", 1)[0])
+            return None  # the first line is a whole object: JSON lines
+        except ValueError:
+            pass
+        try:
+            with open(f, encoding="utf-8") as fh:
+                obj = json.load(fh)  # the json builder reads a whole .json file into memory anyway
+        except ValueError:
+            return None  # malformed: the reader's error names the line
+        lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v[:100])]
+        if len(lists) != 1:
+            return None
+        fields.add(lists[0])
+    return fields.pop() if len(fields) == 1 else None
 
 
 def text_getter(example: dict, text_field: str | None, source: str) -> Callable[[dict], str]:

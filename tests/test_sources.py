@@ -28,6 +28,13 @@ def test_formats(tmp_path):
     assert posts_of(tmp_path / "a.csv") == POSTS
     assert posts_of(tmp_path / "a.parquet") == POSTS
     assert posts_of(tmp_path / "a.txt") == [POSTS[0], ">be you\n>read them", POSTS[2]]  # a post per paragraph
+    (tmp_path / "list.json").write_text(json.dumps([{"text": p} for p in POSTS]))  # one JSON array
+    assert posts_of(tmp_path / "list.json") == POSTS
+    # One object with the records under a key (SQuAD's layout), which `datasets` reads only when told the key.
+    (tmp_path / "nested.json").write_text(json.dumps({"version": 2, "data": [{"text": p} for p in POSTS]}, indent=1))
+    assert posts_of(tmp_path / "nested.json") == POSTS
+    (tmp_path / "lines.json").write_text("".join(json.dumps({"text": p}) + "\n" for p in POSTS))  # JSON lines named .json
+    assert posts_of(tmp_path / "lines.json") == POSTS
 
 
 def test_directory_and_prompt_completion(tmp_path):

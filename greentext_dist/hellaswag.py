@@ -66,7 +66,20 @@ def load_items(data: str, split: str = "validation", limit: int | None = None) -
     if missing:
         raise UserError(f"HellaSwag data {data} lacks fields {sorted(missing)} (has: {', '.join(ds.column_names)})",
                         "use the hub schema (Rowan/hellaswag) or jsonl with ctx, endings, label")
-    return [to_item(d) for d in ds]
+    items = []
+    for i, doc in enumerate(ds):
+        try:
+            item = to_item(doc)
+            ok = 0 <= item["label"] < len(item["endings"])
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"HellaSwag data {data}: item {i} has label {doc.get('label')!r}, not the index of one of its "
+                            f"{len(doc.get('endings') or [])} endings", "use the validation split (the test split has no labels)")
+        items.append(item)
+    if not items:
+        raise UserError(f"HellaSwag data {data} holds no items", "point --data at hellaswag_val.jsonl")
+    return items
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

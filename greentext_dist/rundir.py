@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 LOCK = ".lock"
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Is process `pid` of this host running?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -38,7 +39,7 @@ def _stale(info: dict) -> str | None:
     job = os.environ.get("SLURM_JOB_ID")
     if job and info.get("slurm_job") == job:
         return f"it belongs to this SLURM job ({job}), restarted"
-    if info.get("host") == socket.gethostname() and not _alive(int(info.get("pid", 0))):
+    if info.get("host") == socket.gethostname() and not alive(int(info.get("pid", 0))):
         return f"pid {info.get('pid')} is no longer running"
     return None
 

@@ -27,6 +27,7 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +228,14 @@ def locked(lock_path: Path, what: str):
     with open(lock_path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # Some cluster file systems have no flock (Lustre without -o flock). The build stays safe without it:
+                # each builder writes its own temporary folder and the first one finished is kept (see build).
+                log.warning(f"{lock_path.parent} does not support file locks ({e.strerror}): building the token store of {what} "
+                            "without one (another process building it at the same time only costs time)")
+                yield
+                return
             log.info(f"waiting for another process to finish the token store of {what} ({lock_path})")
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -275,7 +283,8 @@ def ensure(source: str, text: str, tokenizer, posts: Callable[[str | None], Iter
         if path.exists():
             retire(path)  # being rebuilt, or a folder without meta.json, which was never a finished store
         for stale in cache_dir.glob(f".{key.folder()}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)  # left by a build that died (we hold the lock)
+            if abandoned(stale):
+                shutil.rmtree(stale, ignore_errors=True)
         revision = key.origin[4:] if key.origin.startswith("hub:") else None
         build(path, key, tokenizer, posts(revision), progress, estimate_posts(source))
         if source_key(source, text, tok_fp, revision) != key:  # a local source changed (a hub build read one commit)
@@ -283,6 +292,20 @@ def ensure(source: str, text: str, tokenizer, posts: Callable[[str | None], Iter
             raise UserError(f"dataset {source} changed while its token store was being built (nothing was kept)",
                             "rerun once the files are complete, or prepare from a copy that nothing writes to")
     return Store.open(path, key)
+
+
+def abandoned(tmp: Path) -> bool:
+    """A build's temporary folder (.NAME.tmp-HOST-PID.RANDOM) that no builder will finish: its process on this host is
+    gone, or it is a day old. (Where locks do not reach across nodes, another node may be building into its own.)"""
+    host, _, pid = tmp.name.rpartition(".tmp-")[2].rpartition(".")[0].rpartition("-")
+    if host == socket.gethostname() and pid.isdigit():
+        from greentext_dist.rundir import alive
+
+        return not alive(int(pid))
+    try:
+        return time.time() - tmp.stat().st_mtime > 86400
+    except OSError:
+        return False
 
 
 def retire(path: Path) -> None:
@@ -298,8 +321,7 @@ def build(path: Path, key: Key, tokenizer, texts: Iterator[str], show_progress: 
 
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
     eos = tokenizer.eos_token_id
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}.{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     t0, n_posts, n_tokens = time.perf_counter(), 0, 0
     try:
@@ -334,7 +356,15 @@ def build(path: Path, key: Key, tokenizer, texts: Iterator[str], show_progress: 
                 "files": {n: {"bytes": (tmp / n).stat().st_size, "blake2b": digests[n].hexdigest()} for n in FILES},
                 "built_at": time.time(), "build_seconds": round(time.perf_counter() - t0, 3)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path)  # atomic: readers see no store or a whole one
+        try:
+            os.replace(tmp, path)  # atomic: readers see no store or a whole one
+        except OSError:
+            if not (path / "meta.json").exists():
+                raise
+            # Another process built the same store first (its lock did not reach us: no flock, or a node-local one).
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info(f"token store of {key.source}: another process finished it first; using {path}")
+            return
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):

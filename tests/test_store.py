@@ -99,6 +99,65 @@ def test_two_processes_preparing_at_once_build_one_store(tmp_path):
     assert prepare("--dataset", str(data), "--verify", cache=cache).returncode == 0
 
 
+def test_without_file_locks_two_builders_keep_the_first_finished_store(corpus, tmp_path, monkeypatch):
+    """Where the file system has no flock (Lustre without -o flock), or one that does not reach across nodes, two
+    builders can run at once: each writes its own temporary folder, the first finished is kept and the other uses
+    it, and neither deletes the other's work in progress."""
+    import errno
+    import fcntl
+
+    from greentext_dist.data import source_posts
+
+    real_flock = fcntl.flock
+
+    def no_flock(fh, op):
+        if op & fcntl.LOCK_UN:
+            return real_flock(fh, op)
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    warnings = []
+    import types
+
+    monkeypatch.setattr(store_mod, "fcntl", types.SimpleNamespace(flock=no_flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB,
+                                                                  LOCK_UN=fcntl.LOCK_UN))  # the store's locks only
+    monkeypatch.setattr(store_mod.log, "warning", lambda msg, *a, **k: warnings.append(msg))
+    cache, other = tmp_path / "cache", {}
+
+    def posts(revision):
+        for i, text in enumerate(source_posts(str(corpus), None)):
+            if i == 5 and not other:  # another builder starts and finishes while this one is halfway
+                other["started"] = True
+                other["store"] = store_mod.ensure(str(corpus), "post:auto", TOK, posts, cache, progress=False)
+            yield text
+
+    first = store_mod.ensure(str(corpus), "post:auto", TOK, posts, cache, progress=False)
+    assert first.path == other["store"].path and first.n_tokens == other["store"].n_tokens == prepare_source(
+        str(corpus), None, TOK, tmp_path / "elsewhere", progress=False).n_tokens
+    assert len(stores_in(cache)) == 1 and not leftovers(cache)
+    assert any("does not support file locks" in w for w in warnings)
+
+
+def test_a_build_clears_only_abandoned_temporary_folders(corpus, tmp_path):
+    """Left by a killed build on this host: removed by the next one. Another node's build in progress (its lock may not
+    reach here) or a live process's: kept. Another node's, a day old: removed."""
+    import socket
+    import time
+
+    cache = tmp_path / "cache"
+    folder = prepare_source(str(corpus), None, TOK, tmp_path / "probe", progress=False).path.name  # the store's folder name
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    host = socket.gethostname()
+    names = {"killed here": f"{host}-{dead}", "live here": f"{host}-{os.getpid()}", "other node": "node-7.cluster-123",
+             "other node, old": "node-8-456"}
+    tmps = {k: cache / f".{folder}.tmp-{v}.0123abcd" for k, v in names.items()}
+    for t in tmps.values():
+        t.mkdir(parents=True)
+    day_ago = time.time() - 2 * 86400
+    os.utime(tmps["other node, old"], (day_ago, day_ago))
+    assert prepare_source(str(corpus), None, TOK, cache, progress=False).path.name == folder
+    assert {k for k, t in tmps.items() if t.exists()} == {"live here", "other node"}
+
+
 def test_damaged_store_is_refused_then_rebuilt(corpus, tmp_path, capsys):
     cache = tmp_path / "cache"
     store = prepare_source(str(corpus), None, TOK, cache, progress=False)

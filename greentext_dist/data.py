@@ -50,7 +50,12 @@ def open_dataset(name: str, revision: str | None = None) -> IterableDataset:
         if None in kinds:
             raise UserError(f"dataset {name} has unsupported type '{path.suffix}'", f"use one of {', '.join(BUILDERS)}")
         if len(kinds) > 1:
-            raise UserError(f"dataset folder {name} mixes file types {sorted(kinds)}", "keep one type per folder")
+            # e.g. a hub repo downloaded whole, which often holds the same posts as .jsonl and .parquet
+            by_kind = {k: [str(f.relative_to(path)) for f in files if BUILDERS[f.suffix] == k] for k in sorted(kinds)}
+            listed = "; ".join(f"{k}: {', '.join(fs[:3])}{', ...' if len(fs) > 3 else ''}" for k, fs in by_kind.items())
+            example = path / by_kind[min(by_kind, key=lambda k: len(by_kind[k]))][0]
+            raise UserError(f"dataset folder {name} mixes file types ({listed})",
+                            f"point --dataset at one file, e.g. --dataset {example}, or keep one type per folder")
         empty = [str(p) for p in files if p.stat().st_size == 0]
         if empty:
             raise UserError(f"dataset file {empty[0]} is empty", "point --dataset at a file with posts")
@@ -63,7 +68,8 @@ def open_dataset(name: str, revision: str | None = None) -> IterableDataset:
     if hub_offline():
         raise UserError(
             f"dataset '{name}' is on the Hugging Face hub, which is unreachable",
-            f"download it elsewhere (huggingface-cli download --repo-type dataset {name} --local-dir DIR) and pass --dataset DIR",
+            f"download it elsewhere (huggingface-cli download --repo-type dataset {name} --local-dir DIR) and pass "
+            f"--dataset DIR/{KNOWN_DATA_FILES.get(name, '')}",
         )
     return load_dataset(name, data_files=KNOWN_DATA_FILES.get(name), split="train", streaming=True, revision=revision)
 

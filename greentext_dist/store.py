@@ -256,9 +256,11 @@ def ensure(source: str, text: str, tokenizer, posts: Callable[[str | None], Iter
     if key is None:  # a hub dataset, offline
         found = find_offline(cache_dir, source, text, tok_fp)
         if found is None:
+            from greentext_dist.data import KNOWN_DATA_FILES
+
             raise UserError(f"dataset '{source}' is on the Hugging Face hub, which is unreachable, and {cache_dir} holds no token store of it",
                             f"prepare it where the hub is reachable (python -m greentext_dist.prepare --dataset {source} --cache-dir DIR) "
-                            f"and pass that --cache-dir, or download the files and pass --dataset DIR")
+                            f"and pass that --cache-dir, or download the files and pass --dataset DIR/{KNOWN_DATA_FILES.get(source, '')}")
         store = Store.open(found)
         log.info(f"hub unreachable: using the token store of {source} at {store.meta['key']['origin']} ({found})")
         return store

@@ -44,7 +44,7 @@ def test_directory_and_prompt_completion(tmp_path):
         (d / f"part{i}.jsonl").write_text(json.dumps({"prompt": p[:4], "completion": p[4:]}) + "\n")
     assert sorted(posts_of(d)) == sorted(POSTS)
     (d / "extra.csv").write_text("text\nx\n")
-    with pytest.raises(UserError, match="mixes file types"):
+    with pytest.raises(UserError, match=r"mixes file types \(csv: extra.csv; json: part0.jsonl, part1.jsonl, part2.jsonl\).*--dataset .*extra.csv"):
         open_dataset(str(d))
 
 

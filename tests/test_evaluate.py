@@ -279,6 +279,7 @@ def test_robustness_task_writes_json_and_report(model_dir, corpus, tmp_path):
 # ---------------------------------------------------------------- samples during training, training report
 
 
+@pytest.mark.slow  # two training runs: kept out of the fast tier (under 2 min)
 def test_sampling_during_training_leaves_the_curve_alone_and_report_is_written(corpus, tmp_path):
     from conftest import run_inprocess, tiny_args, train_losses
 

@@ -405,6 +405,7 @@ def test_the_removed_shuffle_buffer_is_explained(tmp_path):
         parse_args(["--config", str(old)])
 
 
+@pytest.mark.slow  # two training runs: kept out of the fast tier (under 2 min)
 def test_resuming_after_the_data_changed_warns(corpus, tmp_path, capsys):
     args = ["--max-steps", "4", "--global-batch-size", "4", "--micro-batch-size", "4"]
     assert run_inprocess(tiny_args(corpus, tmp_path / "out", *args, "--halt-at-step", "2")) == 0

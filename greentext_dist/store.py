@@ -39,7 +39,7 @@ from greentext_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the layout or the meaning of a file changes: old stores are then never read
+FORMAT = 2  # 2: special-token text in posts is ordinary text. Bump when the layout or the meaning of a file changes: old stores are then never read
 FILES = ("tokens.bin", "offsets.bin", "hashes.bin")
 BATCH = 1000  # posts per tokenizer call (the Rust tokenizer spreads a batch over every core)
 SAMPLE = 1 << 16  # bytes hashed from each end of a local file for its fingerprint (cheap for a folder of many files)
@@ -383,10 +383,16 @@ def build(path: Path, key: Key, tokenizer, texts: Iterator[str], show_progress: 
 
 
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Posts as ordinary text: a literal "<|endoftext|>" in a post is spelled out in BPE tokens (tiktoken's
+    encode_ordinary, as nanoGPT prepares data), so a post boundary only ever comes from the packer."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast"):
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if backend is not None and hasattr(backend, "encode_batch_fast") and hasattr(backend, "encode_special_tokens"):
+        before, backend.encode_special_tokens = backend.encode_special_tokens, True
+        try:
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        finally:
+            backend.encode_special_tokens = before
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def batched(items: Iterator[str], n: int) -> Iterator[list[str]]:

@@ -158,6 +158,20 @@ def test_a_build_clears_only_abandoned_temporary_folders(corpus, tmp_path):
     assert {k for k, t in tmps.items() if t.exists()} == {"live here", "other node"}
 
 
+def test_end_of_text_written_in_a_post_is_ordinary_text(tmp_path):
+    """A post that contains the string "<|endoftext|>" (a web scrape, a post about GPT-2) keeps it as text: the only
+    end-of-text tokens in the store are the packer's, one after each post (as nanoGPT prepares data)."""
+    posts = [">be me\n>type <|endoftext|> in a post", ">tfw<|endoftext|>", ">normal post"]
+    path = tmp_path / "posts.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in posts))
+    store = prepare_source(str(path), None, TOK, tmp_path / "cache", progress=False)
+    eos = TOK.eos_token_id
+    for i, text in enumerate(posts):
+        ids = store.post(i).tolist()
+        assert ids[-1] == eos and eos not in ids[:-1] and TOK.decode(ids[:-1]) == text
+    assert TOK.encode("<|endoftext|>") == [eos]  # prompts and the tokenizer itself are left as they were
+
+
 def test_damaged_store_is_refused_then_rebuilt(corpus, tmp_path, capsys):
     cache = tmp_path / "cache"
     store = prepare_source(str(corpus), None, TOK, cache, progress=False)

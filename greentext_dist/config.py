@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import tomllib
 import types
 import typing
@@ -283,8 +284,24 @@ def parse_args_with_sources(argv: list[str] | None = None) -> tuple[Config, dict
             section, name = dest.split(".")
             setattr(getattr(cfg, section), name, value)
             sources[(section, name)] = "flag"
+    expand_home(cfg)
     validate(cfg)
     return cfg, sources
+
+
+PATHS = {"model": ("model_path", "tokenizer"), "data": ("dataset", "val_dataset", "cache_dir"), "train": ("ds_config",),
+         "checkpoint": ("output_dir", "resume")}
+
+
+def expand_home(cfg: Config) -> None:
+    """'~/...' in a path setting is the home folder, as the shell would make it: a config file or a quoted flag
+    passes the '~' through (and --output-dir '~/run' would create a folder named '~')."""
+    for section, names in PATHS.items():
+        sec = getattr(cfg, section)
+        for name in names:
+            if isinstance(value := getattr(sec, name), str) and value.startswith("~"):
+                setattr(sec, name, os.path.expanduser(value))
+    cfg.data.mix = [os.path.expanduser(m) if m.startswith("~") else m for m in cfg.data.mix]
 
 
 def validate(cfg: Config) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def show(samples: list[str]) -> None:
 
 
 def load(ckpt: str, device: str | None = None):
+    ckpt = os.path.expanduser(ckpt)
     check_gpt2_dir(ckpt, "checkpoint")
     tok_source = ckpt if (Path(ckpt) / "tokenizer_config.json").exists() else "gpt2"
     tokenizer = load_tokenizer(tok_source)

@@ -361,8 +361,9 @@ def check_same_run(cfg: Config, state: dict, resume_from: Path) -> None:
     if not saved:
         return  # written before settings were saved
     now = cfg.to_dict()
+    home = lambda v: os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v  # noqa: E731 - saved before expand_home
     diffs = [f"--{name.replace('_', '-')} {now[sec][name]!r} (the checkpoint has {saved[sec].get(name)!r})"
-             for sec, names in MEANING.items() for name in names if saved.get(sec, {}).get(name) != now[sec][name]]
+             for sec, names in MEANING.items() for name in names if home(saved.get(sec, {}).get(name)) != now[sec][name]]
     if diffs:
         raise UserError(
             f"checkpoint {resume_from} belongs to a run with other settings: " + "; ".join(diffs),

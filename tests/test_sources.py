@@ -66,3 +66,20 @@ def test_config_file_then_cli(tmp_path):
     f.write_text("[optim]\nlearning_rate = 1\n")
     with pytest.raises(UserError, match="unknown setting 'optim.learning_rate'"):
         parse_args(["--config", str(f)])
+
+
+def test_home_in_paths_is_expanded(tmp_path, monkeypatch, corpus):
+    """A config file (or a quoted flag) passes '~' through; it means the home folder, never a folder named '~'."""
+    from conftest import run_inprocess, tiny_args
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "posts.jsonl").write_text(corpus.read_text())
+    f = tmp_path / "run.toml"
+    f.write_text('[data]\ndataset = "~/posts.jsonl"\nmix = ["~/posts.jsonl=0.2"]\n[checkpoint]\noutput_dir = "~/runs/a"\n')
+    cfg = parse_args(["--config", str(f), "--model-path", "~/m"])
+    assert cfg.data.dataset == str(tmp_path / "posts.jsonl") and cfg.data.mix == [f"{tmp_path}/posts.jsonl=0.2"]
+    assert cfg.checkpoint.output_dir == str(tmp_path / "runs" / "a") and cfg.model.model_path == str(tmp_path / "m")
+    args = tiny_args("~/posts.jsonl", "~/runs/b", "--max-steps", "1", "--global-batch-size", "4", "--micro-batch-size", "2")
+    assert run_inprocess(args) == 0
+    assert (tmp_path / "runs" / "b" / "final" / "config.json").is_file() and not (tmp_path / "~").exists()

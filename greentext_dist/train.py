@@ -337,9 +337,10 @@ class Checkpointer:
         return f"checkpoint step-{self.last_saved}" if self.last_saved else "no checkpoint yet"
 
 
-def trainer_state(run: Run) -> dict:
+def trainer_state(run: Run, finished: bool = False) -> dict:
+    """What a checkpoint records beside the weights. `finished`: written by finish(), after the final validation."""
     p, env = run.progress, run.env
-    return {"step": p.step, "tokens": int(p.tokens.item()), "data": p.data.to_dict(), "max_steps": run.plan.max_steps,
+    return {"step": p.step, "finished": finished, "tokens": int(p.tokens.item()), "data": p.data.to_dict(), "max_steps": run.plan.max_steps,
             "bad_steps": p.bad_steps, "world_size": env.world_size, "backend": run.cfg.train.backend, "config": run.cfg.to_dict(),
             "best": run.checkpointer.best, "since_best": run.checkpointer.since_best,
             "stores": run.train_data.store_names}
@@ -550,13 +551,19 @@ def fit(run: Run) -> bool:
 def finish(run: Run) -> None:
     """Final validation, the last checkpoint, OUT/final (stock HF GPT-2 with a model card) and OUT/report.md."""
     cfg, env, step, checkpoints = run.cfg, run.env, run.progress.step, run.checkpointer
-    if run.val:
+    state = run.resumed_state or {}
+    if state.get("finished") and state["step"] == step:
+        # The same command again after the run ended (a requeue, a retry): its final validation is in the
+        # checkpoint; only the export and the report are written again.
+        if env.is_main:
+            console.print(f"the run already ended at step {step} (checkpoint {run.resume_from}); raise --max-steps to train further")
+    elif run.val:
         val_loss = evaluate(run.engine, run.val, cfg, env, run.tokenizer.eos_token_id)
         run.metrics.write(step=step, val_loss=val_loss)
         checkpoints.validated(step, val_loss)
         if env.is_main:
             console.print(f"final val_loss {val_loss:.4f}")
-    final = checkpoints.final_source(checkpoints.ensure(step, lambda: trainer_state(run)))
+    final = checkpoints.final_source(checkpoints.ensure(step, lambda: trainer_state(run, finished=True)))
     if env.is_main:
         best = checkpoints.best
         final_step = best["step"] if final.name == "best" else step

@@ -124,6 +124,26 @@ def test_final_last_and_default_length(corpus, tmp_path):
                     Corpus(posts=1880, tokens=200_000, rows=195)).max_steps == 3
 
 
+@pytest.mark.slow  # three training runs
+def test_the_same_command_after_the_end_changes_nothing(corpus, tmp_path, capsys):
+    """A requeue or a retry of a finished run: no second final validation or metrics line, OUT/final as it was;
+    a larger --max-steps then trains on from the end."""
+    from greentext_dist.metrics import read_metrics
+
+    out = tmp_path / "run"
+    args = tiny_args(corpus, out, "--global-batch-size", "4", "--micro-batch-size", "2", "--max-steps", "3")
+    assert run_inprocess(args) == 0
+    lines = (out / "metrics.jsonl").read_text()
+    final = {f.name: f.read_bytes() for f in (out / "final").iterdir() if f.suffix == ".safetensors"}
+    capsys.readouterr()
+    assert run_inprocess(args) == 0
+    assert "the run already ended at step 3" in " ".join(capsys.readouterr().err.split())
+    assert (out / "metrics.jsonl").read_text() == lines
+    assert {f.name: f.read_bytes() for f in (out / "final").iterdir() if f.suffix == ".safetensors"} == final
+    assert run_inprocess(args[:-1] + ["5"]) == 0
+    assert [(r["step"], "val_loss" in r) for r in read_metrics(out / "metrics.jsonl")][-4:] == [(3, True), (4, False), (5, False), (5, True)]
+
+
 def test_interrupted_best_replacement_keeps_a_complete_copy(tmp_path):
     import shutil
 

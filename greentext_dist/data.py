@@ -257,9 +257,9 @@ def cache_dir(setting: str | None) -> Path:
 
 
 def prepare_source(name: str, text_field: str | None, tokenizer, cache: Path, *, mix: bool = False, revision: str | None = None,
-                   repair: bool = False, rebuild: bool = False, progress: bool = True, defer: bool = False):
-    """The token store of one source (built on first use). `mix`: read it as a --mix source. `revision`: a hub
-    source's commit, if already looked up (see hub_revisions)."""
+                   repair: bool = False, rebuild: bool = False, progress: bool = True, defer: bool = False, val: bool = False):
+    """The token store of one source (built on first use). `mix`: read it as a --mix source; `val`: it is the
+    --val-dataset (for messages). `revision`: a hub source's commit, if already looked up (see hub_revisions)."""
     from greentext_dist import store
 
     key_name = stored_name(name, mix)
@@ -267,8 +267,9 @@ def prepare_source(name: str, text_field: str | None, tokenizer, cache: Path, *,
         check_source_name(name)
     text = f"{'mix' if mix else 'post'}:{text_field or 'auto'}"
     posts = (lambda rev: mix_posts(name, rev)) if mix else (lambda rev: source_posts(name, text_field, rev))
+    flag = f"--mix {name}=WEIGHT" if mix else f"{'--val-dataset' if val else '--dataset'} {name}"
     return store.ensure(key_name, text, tokenizer, posts, cache, revision=revision, repair=repair, rebuild=rebuild, progress=progress,
-                        defer=defer)
+                        defer=defer, flag=flag)
 
 
 def stored_name(name: str, mix: bool = False) -> str:
@@ -459,7 +460,7 @@ def training_data(d, tokenizer, seed: int, *, revisions: dict[str, str] | None =
     weights[0] = 1 - sum(weights[1:])
     train = TrainData(stores, selections, weights, d.seq_len, seed)
     if d.val_dataset:
-        v = prepare_source(d.val_dataset, d.text_field, tokenizer, cache, revision=rev(d.val_dataset), **common)
+        v = prepare_source(d.val_dataset, d.text_field, tokenizer, cache, revision=rev(d.val_dataset), val=True, **common)
         val = validation_rows(v, np.arange(v.n_posts), d.seq_len)
     else:
         val = validation_rows(main, np.flatnonzero(held), d.seq_len) if held.any() else None

@@ -246,10 +246,11 @@ def locked(lock_path: Path, what: str):
 
 def ensure(source: str, text: str, tokenizer, posts: Callable[[str | None], Iterator[str]], cache_dir: Path, *,
            revision: str | None = None, repair: bool = False, rebuild: bool = False, progress: bool = True,
-           defer: bool = False) -> Store:
+           defer: bool = False, flag: str = "--dataset") -> Store:
     """The store of `source`, built if missing (under a lock, atomically); `posts(revision)` yields its texts.
     revision: a hub dataset's commit, if already looked up. repair: rebuild a damaged store instead of refusing it.
-    defer: when it must be built, let another rank (the one that shows progress) take the lock first."""
+    defer: when it must be built, let another rank (the one that shows progress) take the lock first. flag: how the
+    user named the source (--dataset, --val-dataset, --mix NAME=WEIGHT), for the fix of an error."""
     cache_dir = Path(cache_dir).expanduser()
     tok_fp = tokenizer_fingerprint(tokenizer)
     key = source_key(source, text, tok_fp, revision)
@@ -258,9 +259,10 @@ def ensure(source: str, text: str, tokenizer, posts: Callable[[str | None], Iter
         if found is None:
             from greentext_dist.data import KNOWN_DATA_FILES
 
+            local = "--mix DIR/FILE=WEIGHT" if flag.startswith("--mix") else f"{flag.split()[0]} DIR/{KNOWN_DATA_FILES.get(source, '')}"
             raise UserError(f"dataset '{source}' is on the Hugging Face hub, which is unreachable, and {cache_dir} holds no token store of it",
-                            f"prepare it where the hub is reachable (python -m greentext_dist.prepare --dataset {source} --cache-dir DIR) "
-                            f"and pass that --cache-dir, or download the files and pass --dataset DIR/{KNOWN_DATA_FILES.get(source, '')}")
+                            f"prepare it where the hub is reachable (python -m greentext_dist.prepare {flag} --cache-dir DIR) "
+                            f"and pass that --cache-dir, or download the files and pass {local}")
         store = Store.open(found)
         log.info(f"hub unreachable: using the token store of {source} at {store.meta['key']['origin']} ({found})")
         return store

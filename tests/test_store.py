@@ -264,8 +264,12 @@ def test_hub_store_is_found_offline(corpus, tmp_path):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     found = prepare_source("someone/greentext", None, TOK, cache, progress=False)
     assert found.path == store.path and found.n_tokens == store.n_tokens
-    with pytest.raises(UserError, match="unreachable.*holds no token store.*prepare"):
+    with pytest.raises(UserError, match="unreachable.*holds no token store.*prepare --dataset someone/other .*--dataset DIR/"):
         prepare_source("someone/other", None, TOK, cache, progress=False)
+    with pytest.raises(UserError, match="prepare --mix someone/other=WEIGHT .*--mix DIR/FILE=WEIGHT"):  # the flag the user gave
+        prepare_source("someone/other", None, TOK, cache, progress=False, mix=True)
+    with pytest.raises(UserError, match="prepare --val-dataset someone/other .*--val-dataset DIR/"):
+        prepare_source("someone/other", None, TOK, cache, progress=False, val=True)
 
 
 @pytest.fixture

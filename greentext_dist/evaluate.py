@@ -66,16 +66,17 @@ def hellaswag(model, tokenizer, a, env) -> dict:
 
 
 def robustness(model, tokenizer, a, env) -> dict:
-    from greentext_dist.generate import as_greentext, generate_batch
+    from greentext_dist.generate import as_greentext, check_fits, generate_batch
     from greentext_dist.robustness import DEVIATION_PROMPTS, GREENTEXT_PROMPTS, corpus_automaton, summarise
 
+    suite = [("greentext", p) for p in GREENTEXT_PROMPTS] + [("deviation", p) for p in DEVIATION_PROMPTS]
+    # Greentext openings are written without '>' and formatted; deviation prompts go in as typed.
+    every_text = [as_greentext(p) if kind == "greentext" else p for kind, p in suite]
+    check_fits(model, tokenizer, every_text, a.max_new_tokens)  # on every rank alike, before any work
+    mine, texts = suite[env.rank::env.world_size], every_text[env.rank::env.world_size]
     store = dataset_store(a, tokenizer, env)
     posts = [store.post(i)[:-1].tolist() for i in range(store.n_posts)]  # without the <|endoftext|>
     automaton = corpus_automaton(posts, tokenizer.eos_token_id)
-    suite = [("greentext", p) for p in GREENTEXT_PROMPTS] + [("deviation", p) for p in DEVIATION_PROMPTS]
-    mine = suite[env.rank::env.world_size]
-    # Greentext openings are written without '>' and formatted; deviation prompts go in as typed.
-    texts = [as_greentext(p) if kind == "greentext" else p for kind, p in mine]
     with autocast(env.device, a.precision):
         outs = generate_batch(model, tokenizer, texts, num_samples=a.num_samples, max_new_tokens=a.max_new_tokens,
                               temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed + env.rank)

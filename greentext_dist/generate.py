@@ -45,14 +45,10 @@ def generate_batch(model, tokenizer, texts: list[str], *, num_samples: int = 1, 
     """Raw texts (already formatted) -> num_samples continuations each, all in one left-padded batch.
     Every text starts after <|endoftext|>, as every post does in training. temperature 0 is greedy."""
     check_sampling(temperature, top_k, top_p)
+    check_fits(model, tokenizer, texts, max_new_tokens)
     eos = tokenizer.eos_token_id
     rows = [[eos] + tokenizer.encode(t) for t in texts for _ in range(num_samples)]
     width = max(map(len, rows))
-    positions = model.config.n_positions
-    if width + max_new_tokens > positions:
-        raise UserError(f"the prompt ({width} tokens with the opening <|endoftext|>) and --max-new-tokens {max_new_tokens} do not fit "
-                        f"the model's {positions} positions",
-                        f"use --max-new-tokens {positions - width} or less" if width < positions else "use a shorter prompt")
     input_ids = torch.tensor([[eos] * (width - len(r)) + r for r in rows], device=model.device)
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
     torch.manual_seed(seed)
@@ -69,6 +65,15 @@ def generate_batch(model, tokenizer, texts: list[str], *, num_samples: int = 1, 
             row = row[:row.index(eos)]
         samples.append(texts[i // num_samples] + tokenizer.decode(row))
     return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(texts))]
+
+
+def check_fits(model, tokenizer, texts: list[str], max_new_tokens: int) -> None:
+    """The longest prompt (with its opening <|endoftext|>) and max_new_tokens within the model's positions."""
+    width, positions = 1 + max(len(tokenizer.encode(t)) for t in texts), model.config.n_positions
+    if width + max_new_tokens > positions:
+        raise UserError(f"the prompt ({width} tokens with the opening <|endoftext|>) and --max-new-tokens {max_new_tokens} do not fit "
+                        f"the model's {positions} positions",
+                        f"use --max-new-tokens {positions - width} or less" if width < positions else "use a shorter prompt")
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:

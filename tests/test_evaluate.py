@@ -117,6 +117,8 @@ def test_generate_and_evaluate_refuse_bad_settings_before_the_work(model_dir, tm
     items.write_text("".join(json.dumps(i) + "\n" for i in make_items(2)))
     assert evaluate([str(model_dir), "--task", "hellaswag", "--data", str(items), "--output", str(afile / "r.json")]) == 2
     assert "--output" in capsys.readouterr().err
+    assert evaluate([str(model_dir), "--task", "robustness", "--dataset", str(items), "--max-new-tokens", "1020"]) == 2
+    assert "--max-new-tokens 1020 do not fit the model's 1024 positions" in " ".join(capsys.readouterr().err.split())
     unlabeled = tmp_path / "test_split.jsonl"
     unlabeled.write_text("".join(json.dumps({**i, "label": ""}) + "\n" for i in make_items(2)))  # as HellaSwag's test split
     assert evaluate([str(model_dir), "--task", "hellaswag", "--data", str(unlabeled)]) == 2

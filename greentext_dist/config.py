@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from greentext_dist.errors import UserError
+from greentext_dist.errors import UserError, first_line
 
 
 def _f(default, help: str, choices=None):
@@ -209,8 +209,7 @@ def load_file(path: str) -> dict:
         else:
             data = tomllib.loads(text) if kind == "TOML" else json.loads(text)
     except Exception as e:  # noqa: BLE001 - tomllib, json and yaml each raise their own error type
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"config file {path} is not valid {kind}: {first}", f"fix the {kind} syntax (the file's suffix picks the format)") from None
+        raise UserError(f"config file {path} is not valid {kind}: {first_line(e)}", f"fix the {kind} syntax (the file's suffix picks the format)") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} holds a {type(data).__name__}, not tables of settings", "write [model], [data], ... sections")
     return data
@@ -293,15 +292,19 @@ PATHS = {"model": ("model_path", "tokenizer"), "data": ("dataset", "val_dataset"
          "checkpoint": ("output_dir", "resume")}
 
 
+def home(value):
+    """'~/...' is the home folder, as the shell would make it; anything else is returned as it is."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
 def expand_home(cfg: Config) -> None:
-    """'~/...' in a path setting is the home folder, as the shell would make it: a config file or a quoted flag
-    passes the '~' through (and --output-dir '~/run' would create a folder named '~')."""
+    """Path settings through `home`: a config file or a quoted flag passes the '~' through (and --output-dir '~/run'
+    would create a folder named '~')."""
     for section, names in PATHS.items():
         sec = getattr(cfg, section)
         for name in names:
-            if isinstance(value := getattr(sec, name), str) and value.startswith("~"):
-                setattr(sec, name, os.path.expanduser(value))
-    cfg.data.mix = [os.path.expanduser(m) if m.startswith("~") else m for m in cfg.data.mix]
+            setattr(sec, name, home(getattr(sec, name)))
+    cfg.data.mix = [home(m) for m in cfg.data.mix]
 
 
 def validate(cfg: Config) -> None:

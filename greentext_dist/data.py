@@ -267,7 +267,7 @@ def prepare_source(name: str, text_field: str | None, tokenizer, cache: Path, *,
         check_source_name(name)
     text = f"{'mix' if mix else 'post'}:{text_field or 'auto'}"
     posts = (lambda rev: mix_posts(name, rev)) if mix else (lambda rev: source_posts(name, text_field, rev))
-    flag = f"--mix {name}=WEIGHT" if mix else f"{'--val-dataset' if val else '--dataset'} {name}"
+    flag = "--mix" if mix else "--val-dataset" if val else "--dataset"
     return store.ensure(key_name, text, tokenizer, posts, cache, revision=revision, repair=repair, rebuild=rebuild, progress=progress,
                         defer=defer, flag=flag)
 

@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from greentext_dist.attention import register, uses_flex
 from greentext_dist.config import ModelConfig
-from greentext_dist.errors import UserError
+from greentext_dist.errors import UserError, first_line
 from greentext_dist.hub import hub_offline
 
 # name -> (hub id, layers, width, heads). All: context 1024, vocab 50,257.
@@ -144,8 +144,7 @@ def load_weights(src: str, kwargs: dict) -> GPT2LMHeadModel:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - safetensors, OSError, shape mismatches: all mean the files are damaged
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load the weights in {src}: {type(e).__name__}: {first[:200]}",
+        raise UserError(f"could not load the weights in {src}: {type(e).__name__}: {first_line(e)}",
                         "the files are damaged or truncated: re-download or re-export them, or resume from an older checkpoint") from None
 
 

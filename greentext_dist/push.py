@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from greentext_dist.errors import UserError
+from greentext_dist.errors import UserError, first_line
 from greentext_dist.hub import hub_offline
 from greentext_dist.model import check_gpt2_dir
 from greentext_dist.ui import console, fail
@@ -31,7 +31,7 @@ def push(folder: str, repo_id: str, private: bool = False) -> str:
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="greentext_dist: upload fine-tuned GPT-2")
     except HfHubHTTPError as e:
-        raise UserError(f"the hub refused the upload to {repo_id}: {str(e).splitlines()[0]}",
+        raise UserError(f"the hub refused the upload to {repo_id}: {first_line(e)}",
                         "check the repo id and that your token may write to it") from None
     return getattr(info, "commit_url", f"https://huggingface.co/{repo_id}")
 

@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from greentext_dist.errors import UserError
+from greentext_dist.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def hub_commit(name: str) -> str | None:
     try:
         return hub_revision(name)
     except Exception as e:  # noqa: BLE001 - not found, gated, network: all one line for the user
-        raise UserError(f"cannot look up dataset '{name}' on the Hugging Face hub ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})",
+        raise UserError(f"cannot look up dataset '{name}' on the Hugging Face hub ({e.__class__.__name__}: {first_line(e, 120)})",
                         "check the id (and huggingface-cli login for gated datasets), or pass a local file or folder") from None
 
 
@@ -249,8 +249,8 @@ def ensure(source: str, text: str, tokenizer, posts: Callable[[str | None], Iter
            defer: bool = False, flag: str = "--dataset") -> Store:
     """The store of `source`, built if missing (under a lock, atomically); `posts(revision)` yields its texts.
     revision: a hub dataset's commit, if already looked up. repair: rebuild a damaged store instead of refusing it.
-    defer: when it must be built, let another rank (the one that shows progress) take the lock first. flag: how the
-    user named the source (--dataset, --val-dataset, --mix NAME=WEIGHT), for the fix of an error."""
+    defer: when it must be built, let another rank (the one that shows progress) take the lock first. flag: the option
+    that named the source (--dataset, --val-dataset or --mix), for the fix of an error."""
     cache_dir = Path(cache_dir).expanduser()
     tok_fp = tokenizer_fingerprint(tokenizer)
     key = source_key(source, text, tok_fp, revision)
@@ -259,10 +259,10 @@ def ensure(source: str, text: str, tokenizer, posts: Callable[[str | None], Iter
         if found is None:
             from greentext_dist.data import KNOWN_DATA_FILES
 
-            local = "--mix DIR/FILE=WEIGHT" if flag.startswith("--mix") else f"{flag.split()[0]} DIR/{KNOWN_DATA_FILES.get(source, '')}"
+            given, local = (f"{source}=WEIGHT", "DIR/FILE=WEIGHT") if flag == "--mix" else (source, f"DIR/{KNOWN_DATA_FILES.get(source, '')}")
             raise UserError(f"dataset '{source}' is on the Hugging Face hub, which is unreachable, and {cache_dir} holds no token store of it",
-                            f"prepare it where the hub is reachable (python -m greentext_dist.prepare {flag} --cache-dir DIR) "
-                            f"and pass that --cache-dir, or download the files and pass {local}")
+                            f"prepare it where the hub is reachable (python -m greentext_dist.prepare {flag} {given} --cache-dir DIR) "
+                            f"and pass that --cache-dir, or download the files and pass {flag} {local}")
         store = Store.open(found)
         log.info(f"hub unreachable: using the token store of {source} at {store.meta['key']['origin']} ({found})")
         return store

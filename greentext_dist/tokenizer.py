@@ -8,7 +8,7 @@ import os
 
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
-from greentext_dist.errors import UserError
+from greentext_dist.errors import UserError, first_line
 from greentext_dist.hub import hub_offline, is_local
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,7 @@ def load_tokenizer(name: str = "gpt2") -> PreTrainedTokenizerBase:
         try:
             tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
         except Exception as e:  # noqa: BLE001 - missing or damaged files: transformers raises many kinds, all one line here
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise UserError(f"could not load a tokenizer from {name} ({type(e).__name__}: {first})",
+            raise UserError(f"could not load a tokenizer from {name} ({type(e).__name__}: {first_line(e)})",
                             "point --tokenizer at a folder with tokenizer.json (or vocab.json + merges.txt), e.g. OUT/final, "
                             "or pass --tokenizer gpt2") from None
     elif hub_offline():

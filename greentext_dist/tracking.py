@@ -8,7 +8,7 @@ import os
 import uuid
 from pathlib import Path
 
-from greentext_dist.errors import UserError
+from greentext_dist.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 KINDS = ("tensorboard", "wandb")
@@ -57,7 +57,7 @@ class WandB:
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "greentext_dist"), name=name, id=run_id, resume="allow",
                                   dir=str(out), config=config, mode=mode)
         except Exception as e:  # noqa: BLE001 - wandb raises many kinds (auth, network, usage)
-            raise UserError(f"wandb could not start a {mode} run: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            raise UserError(f"wandb could not start a {mode} run: {first_line(e)}",
                             "check `wandb login` / WANDB_API_KEY, or set WANDB_MODE=offline and `wandb sync` later") from None
         if mode == "offline":
             log.info(f"wandb: offline run in {out / 'wandb'}; upload it later with `wandb sync {out / 'wandb'}/offline-run-*`")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from greentext_dist import attention, checkpoint as ckpt
-from greentext_dist.config import Config, parse_args_with_sources, to_toml
+from greentext_dist.config import Config, home, parse_args_with_sources, to_toml
 from greentext_dist.data import (
     Corpus, DataState, TrainData, TrainLoader, ValRows, corpus_of, hub_revisions, parse_mix, training_data, val_batches, val_corpus,
 )
@@ -362,9 +362,8 @@ def check_same_run(cfg: Config, state: dict, resume_from: Path) -> None:
     if not saved:
         return  # written before settings were saved
     now = cfg.to_dict()
-    home = lambda v: os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v  # noqa: E731 - saved before expand_home
     diffs = [f"--{name.replace('_', '-')} {now[sec][name]!r} (the checkpoint has {saved[sec].get(name)!r})"
-             for sec, names in MEANING.items() for name in names if home(saved.get(sec, {}).get(name)) != now[sec][name]]
+             for sec, names in MEANING.items() for name in names if home(saved.get(sec, {}).get(name)) != now[sec][name]]  # home: saved before '~' was expanded
     if diffs:
         raise UserError(
             f"checkpoint {resume_from} belongs to a run with other settings: " + "; ".join(diffs),

@@ -28,7 +28,7 @@ def _f(default, help: str, choices=None):
 class ModelConfig:
     model: str = _f("small", "GPT-2 size", ["tiny", "small", "medium", "large", "xl"])
     init: str | None = _f(None, "pretrained|scratch (default: pretrained, scratch for tiny)", ["pretrained", "scratch"])
-    model_path: str | None = _f(None, "local HF GPT-2 directory to start from (overrides --model's hub id)")
+    model_path: str | None = _f(None, "HF GPT-2 directory or hub id to start from (overrides --model's hub id)")
     tokenizer: str = _f("gpt2", "tokenizer hub id or local directory")
     dropout: float = _f(0.1, "dropout on embeddings, attention and residuals")
     gradient_checkpointing: bool | None = _f(None, "recompute activations in backward to save memory (default: on only when the planner says the model would not fit without it)")

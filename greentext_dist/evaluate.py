@@ -111,7 +111,7 @@ def robustness_markdown(result: dict, checkpoint: str, shown: int = 2) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="greentext_dist.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final)")
+    p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final) or hub id (e.g. gpt2)")
     p.add_argument("--task", required=True, choices=["val-loss", "hellaswag", "robustness"])
     p.add_argument("--log-samples", default=None, help="hellaswag: write each item's scores (log-probs, picks, acc, acc_norm) to this .jsonl")
     p.add_argument("--output", default=None, help="write the result as JSON here")
@@ -154,6 +154,7 @@ def report_path(a) -> str:
 def main(argv: list[str] | None = None) -> int:
     from greentext_dist.dist import init_distributed, on_main
     from greentext_dist.generate import check_sampling, load
+    from greentext_dist.hub import shared_download
 
     a = build_parser().parse_args(argv)
     env = init_distributed()
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             check_sampling(a.temperature, a.top_k, a.top_p)
         on_main(check_outputs, a)
         a.precision = a.precision or ("bf16" if env.device.type == "cuda" else "fp32")
-        model, tokenizer = load(a.checkpoint, str(env.device))
+        model, tokenizer = load(a.checkpoint, str(env.device), folder=shared_download(a.checkpoint))  # a hub repo: one download
         if a.seq_len > model.config.n_positions:
             raise UserError(f"--seq-len {a.seq_len} is longer than the model's {model.config.n_positions} positions",
                             f"use --seq-len {model.config.n_positions} or less")

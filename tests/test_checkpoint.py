@@ -104,6 +104,24 @@ def test_damaged_newest_checkpoint_falls_back(corpus, tmp_path):
     assert any("step-6 is unusable" in m and "bytes" in m for m in seen)
 
 
+def test_verify_names_the_damaged_file(tmp_path):
+    """Checksums are computed on several threads; the answer must still name the right file, the first in order."""
+    folder = tmp_path / "step-1"
+    (folder / "train_state").mkdir(parents=True)
+    for i in range(5):
+        (folder / f"model-{i}.safetensors").write_bytes(bytes([i]) * 100_000)
+    (folder / "train_state" / "optimizer.pt").write_bytes(b"state" * 1000)
+    ckpt.write_manifest(folder)
+    assert ckpt.verify(folder) is None
+    for name in ("model-3.safetensors", "model-1.safetensors"):  # same size, one byte flipped: only the checksum sees it
+        data = bytearray((folder / name).read_bytes())
+        data[50_000] ^= 1
+        (folder / name).write_bytes(data)
+    assert ckpt.verify(folder) == "model-1.safetensors does not match its checksum"
+    (folder / "train_state" / "optimizer.pt").unlink()
+    assert ckpt.verify(folder) == "train_state/optimizer.pt is missing"
+
+
 @pytest.mark.slow
 def test_crash_mid_save_keeps_previous(corpus, tmp_path):
     """A save killed half-way leaves only a hidden temp folder; the run resumes from the last good step."""

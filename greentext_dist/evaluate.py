@@ -58,9 +58,10 @@ def dataset_store(a, tokenizer, env):
 
 
 def hellaswag(model, tokenizer, a, env) -> dict:
+    from greentext_dist.dist import on_main
     from greentext_dist.hellaswag import evaluate_hellaswag, load_items
 
-    items = load_items(a.data, limit=a.limit)
+    items = on_main(load_items, a.data, limit=a.limit)  # read (or downloaded) once, handed to every rank
     with autocast(env.device, a.precision):
         return {**evaluate_hellaswag(model, tokenizer, items, env.rank, env.world_size, a.batch_size, env.device), "data": a.data}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from greentext_dist.errors import UserError
+from greentext_dist.errors import UserError, first_line
 from greentext_dist.hub import hub_offline, is_local
 
 HUB_ID = "Rowan/hellaswag"
@@ -54,11 +54,15 @@ def load_items(data: str, split: str = "validation", limit: int | None = None) -
         if not files:
             raise UserError(f"HellaSwag folder {data} holds no .jsonl files", "point --data at hellaswag_val.jsonl")
         ds = load_dataset("json", data_files=[str(f) for f in files], split="train")
-    elif hub_offline():
-        raise UserError(f"HellaSwag '{data}' is on the Hugging Face hub, which is unreachable",
-                        f"download it elsewhere (huggingface-cli download --repo-type dataset {HUB_ID} --local-dir DIR) and pass --data FILE.jsonl")
     else:
-        ds = load_dataset(data, split=split)
+        try:
+            ds = load_dataset(data, split=split)  # offline (HF_HUB_OFFLINE=1), from the datasets cache if it is there
+        except Exception as e:  # noqa: BLE001 - not cached offline, not found, network: one line
+            if hub_offline():
+                raise UserError(f"HellaSwag '{data}' is on the Hugging Face hub, which is unreachable, and not in the datasets cache",
+                                f"download it elsewhere (hf download --repo-type dataset {HUB_ID} --local-dir DIR) and pass --data FILE.jsonl") from None
+            raise UserError(f"cannot load HellaSwag '{data}' from the Hugging Face hub ({type(e).__name__}: {first_line(e, 160)})",
+                            "check the id, or pass --data with a local hellaswag jsonl") from None
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
     cols = set(ds.column_names)

@@ -123,6 +123,11 @@ def test_generate_and_evaluate_refuse_bad_settings_before_the_work(model_dir, tm
     unlabeled.write_text("".join(json.dumps({**i, "label": ""}) + "\n" for i in make_items(2)))  # as HellaSwag's test split
     assert evaluate([str(model_dir), "--task", "hellaswag", "--data", str(unlabeled)]) == 2
     assert "item 0 has label '', not the index of one of its 4 endings. Fix: use the validation split" in capsys.readouterr().err
+    # Offline (as every test is), hub ids not in the cache: one line each.
+    assert evaluate([str(model_dir), "--task", "hellaswag", "--data", "someone/hellaswag"]) == 2
+    assert "HellaSwag 'someone/hellaswag' is on the Hugging Face hub, which is unreachable, and not in the datasets cache" in capsys.readouterr().err
+    assert evaluate(["someone/gpt2-greentext", "--task", "hellaswag", "--data", str(items)]) == 2
+    assert "model 'someone/gpt2-greentext' is not in the Hugging Face cache" in capsys.readouterr().err
 
 
 def test_harness_preprocessing():

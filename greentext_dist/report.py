@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from greentext_dist.hub import is_local
 from greentext_dist.metrics import read_metrics
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def write_report(out: Path, summary: list[tuple[str, str]]) -> Path:
     return path
 
 
-def model_card(out: Path, cfg, base: str, *, corpus, val_corpus, steps: int, tokens: int, epochs: float, engine: str,
+def model_card(out: Path, cfg, base: str, *, base_commit: str | None = None, corpus, val_corpus, steps: int, tokens: int, epochs: float, engine: str,
                final_step: int, best: dict | None) -> str:
     """OUT/final/README.md: what the model is, how it was trained, how well, and what it is (not) for."""
     rows = read_metrics(out / "metrics.jsonl")
@@ -87,9 +88,11 @@ def model_card(out: Path, cfg, base: str, *, corpus, val_corpus, steps: int, tok
     hellaswag = out / "hellaswag.json"
     o, d, t = cfg.optim, cfg.data, cfg.train
     lines = [
-        "---", "license: mit", "base_model: " + base, "tags: [gpt2, greentext, text-generation]", "---", "",
+        # The hub accepts only a repo id as base_model: not a local folder or "random init".
+        "---", "license: mit", *([f"base_model: {base}"] if base != "random init" and not is_local(base) else []),
+        "tags: [gpt2, greentext, text-generation]", "---", "",
         f"# GPT-2 {cfg.model.model} fine-tuned on greentext", "",
-        f"Trained with greentext_dist from **{base}** on `{d.dataset}`"
+        f"Trained with greentext_dist from **{base}**" + (f" (hub commit `{base_commit}`)" if base_commit else "") + f" on `{d.dataset}`"
         + (f" ({corpus.posts:,} posts, {corpus.tokens:,} tokens)" if corpus else "") + ". "
         "Greentexts are short humorous stories whose lines start with `>`.", "",
         "## Training", "",

@@ -105,6 +105,7 @@ class Run:
     out: Path
     metrics: MetricsLog  # OUT/metrics.jsonl: train, skipped and validation lines
     samples: MetricsLog  # OUT/samples.jsonl (--sample-every)
+    base_commit: str | None = None  # the hub commit of the pretrained weights the run started from
 
 
 DEFAULT_STEPS = 300
@@ -181,7 +182,7 @@ def print_summary(run: "Run", sources: dict) -> None:
     cfg, env, layout, engine, corpus, val_corpus, plan, mem = run.cfg, run.env, run.layout, run.engine, run.corpus, run.val_corpus, run.plan, run.mem
     model, resume_from = engine.module, run.resume_from
     t, d = cfg.train, cfg.data
-    src = source_of(cfg.model) or "random init"
+    src = (source_of(cfg.model) or "random init") + (f" at commit {run.base_commit[:12]}" if run.base_commit else "")
     rows = [
         ("model", f"GPT-2 {cfg.model.model} ({num_params(model) / 1e6:.1f}M params, {init_kind(cfg.model)}: {src})"
                   + (f", vocabulary padded to {model.config.vocab_size:,} in training" if model.config.vocab_size != true_vocab(model) else "")),
@@ -343,7 +344,7 @@ def trainer_state(run: Run, finished: bool = False) -> dict:
     return {"step": p.step, "finished": finished, "tokens": int(p.tokens.item()), "data": p.data.to_dict(), "max_steps": run.plan.max_steps,
             "bad_steps": p.bad_steps, "world_size": env.world_size, "backend": run.cfg.train.backend, "config": run.cfg.to_dict(),
             "best": run.checkpointer.best, "since_best": run.checkpointer.since_best,
-            "stores": run.train_data.store_names}
+            "stores": run.train_data.store_names, "base_commit": run.base_commit}
 
 
 # Settings that change what a run is: resuming under different values would silently continue another experiment.
@@ -414,7 +415,9 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
             f"checkpoint {resume_from} was written by {state['world_size']} ranks with {state['backend']}, this run has {env.world_size}",
             f"relaunch with {state['world_size']} ranks, or start a new run from its weights: --model-path {resume_from} --resume never",
         )
-    weights = str(resume_from) if resume_from else hub_weights(cfg.model)  # rank 0 downloads hub weights for the job
+    hub_folder = None if resume_from else hub_weights(cfg.model)  # rank 0 downloads hub weights for the job
+    weights = str(resume_from) if resume_from else hub_folder
+    base_commit = state.get("base_commit") if state else hub_folder and Path(hub_folder).name  # HF cache folders are named by commit
     shape = model_config(cfg.model, weights)
     if resume_from:
         check_matches_preset(shape, cfg.model, f"checkpoint {resume_from}")
@@ -466,7 +469,7 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
               Checkpointer(out, cfg, engine, tokenizer, resume_step, state), progress, out,
               MetricsLog(out / "metrics.jsonl", resume_step, env.is_main,
                          Trackers(parse_report_to(cfg.train.report_to), out, cfg.to_dict(), settings_toml, env.is_main)),
-              MetricsLog(out / "samples.jsonl", resume_step, env.is_main))
+              MetricsLog(out / "samples.jsonl", resume_step, env.is_main), base_commit)
     if env.is_main:
         print_summary(run, sources)
     if state and state["max_steps"] != plan.max_steps:
@@ -579,7 +582,7 @@ def model_card(run: Run, final_step: int) -> str:
     from greentext_dist.report import model_card as card
 
     cfg, p = run.cfg, run.progress
-    return card(run.out, cfg, source_of(cfg.model) or "random init", corpus=run.corpus, val_corpus=run.val_corpus,
+    return card(run.out, cfg, source_of(cfg.model) or "random init", base_commit=run.base_commit, corpus=run.corpus, val_corpus=run.val_corpus,
                 steps=p.step, tokens=int(p.tokens.item()), epochs=p.step / run.plan.steps_per_epoch,
                 engine=f"{run.engine.name} x {run.env.world_size} ranks", final_step=final_step, best=run.checkpointer.best)
 

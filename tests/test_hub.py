@@ -85,7 +85,11 @@ def test_training_from_a_hub_id_equals_training_from_the_same_local_folder(corpu
     repo = hub.models[REPO] = model_repo(tmp_path / "repo")
     common = ("--max-steps", "3", "--global-batch-size", "4", "--micro-batch-size", "2", "--eval-every", "0")
     assert run_inprocess(tiny_args(corpus, tmp_path / "local", "--model-path", str(repo), "--tokenizer", str(repo), *common)) == 0
-    assert run_inprocess(tiny_args(corpus, tmp_path / "hub", "--model-path", REPO, "--tokenizer", REPO, *common)) == 0
+    hub_run = tiny_args(corpus, tmp_path / "hub", "--model-path", REPO, "--tokenizer", REPO, *common)
+    assert run_inprocess(hub_run + ["--halt-at-step", "2"]) == 0
+    hub.requests.clear()
+    assert run_inprocess(hub_run) == 0  # the resume reads the checkpoint: the weights are not fetched again
+    assert not hub.asked(r"/someone/tiny-gpt2/resolve/.*(safetensors|config.json)")
     assert train_losses(tmp_path / "hub") == train_losses(tmp_path / "local")
     assert REPO in (tmp_path / "hub" / "final" / "README.md").read_text()  # the model card names the base model
 

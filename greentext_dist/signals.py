@@ -27,16 +27,13 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def agree(self, flag: bool) -> bool:
-        """Collective on the CPU group: true on every rank if it is true on any (never waits on the GPU)."""
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    def vote(self, *flags: bool) -> tuple[bool, ...]:
+        """Collective on the CPU group, one all-reduce for every flag: each is true on every rank if it is true on any
+        (never waits on the GPU). The first flag is always "a signal arrived", so asking costs nothing extra."""
+        t = torch.tensor([1 if self.signum else 0, *(1 if f else 0 for f in flags)], dtype=torch.int32)
         if self.group is not None:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
-
-    def requested(self) -> bool:
-        """Collective: true on every rank as soon as any rank got a signal."""
-        return self.agree(bool(self.signum))
+        return tuple(bool(v) for v in t.tolist())
 
     @property
     def name(self) -> str:

@@ -319,16 +319,14 @@ class Checkpointer:
         self.last_saved, self.saved_at = step, time.monotonic()
         return path
 
-    def due(self, step: int, max_steps: int, agree) -> bool:
-        """Every --save-every steps, and once --save-every-minutes have passed since the last save (rank 0's clock,
-        agreed by all ranks through `agree`, the stop vote's CPU all-reduce, so every rank joins the same save)."""
-        if step == max_steps:
-            return False
-        if self.c.save_every and step % self.c.save_every == 0:
-            return True
-        if self.c.save_every_minutes <= 0:
-            return False
-        return agree(self.engine.env.is_main and time.monotonic() - self.saved_at >= 60 * self.c.save_every_minutes)
+    def due(self, step: int, max_steps: int, clock: bool) -> bool:
+        """Every --save-every steps, and when `clock` says --save-every-minutes have passed (see clock_due)."""
+        return step != max_steps and (bool(self.c.save_every) and step % self.c.save_every == 0 or clock)
+
+    def clock_due(self) -> bool:
+        """Rank 0's clock says a timed save is due. Every rank must join the same save: the loop puts this in the
+        step's CPU vote (GracefulStop.vote) and saves when the vote agrees."""
+        return self.engine.env.is_main and 0 < self.c.save_every_minutes <= (time.monotonic() - self.saved_at) / 60
 
     def ensure(self, step: int, trainer_state) -> Path:
         """The checkpoint of this step, written now unless it already is. `trainer_state` is called only if needed."""
@@ -535,14 +533,17 @@ def fit(run: Run) -> bool:
             if t.sample_every and p.step % t.sample_every == 0:
                 write_samples(engine, run.tokenizer, cfg, env, p.step, samples)
                 bar.note(f"step {p.step}: samples in {run.out / 'samples.jsonl'}")
-            if checkpoints.due(p.step, max_steps, stop.agree):
+            # The step's one collective vote (CPU): a signal on any rank, and rank 0's clock for a timed save.
+            signalled, clock = stop.vote(checkpoints.clock_due())
+            if checkpoints.due(p.step, max_steps, clock):
                 checkpoints.save(p.step, trainer_state(run))
+                signalled, = stop.vote()  # again: a signal may have come during the save, which is long (and rare)
             if early_stop:
                 bar.note(f"step {p.step}: early stopping, no new best val_loss in {checkpoints.since_best} validations "
                          f"(best {checkpoints.best['val_loss']:.4f} at step {checkpoints.best['step']})")
                 break
             halt = bool(t.halt_at_step) and p.step == t.halt_at_step and p.step != max_steps
-            if (stop.requested() or halt) and p.step != max_steps:
+            if (signalled or halt) and p.step != max_steps:
                 checkpoints.ensure(p.step, lambda: trainer_state(run))
                 why = f"halted after step {p.step}" if halt else f"stopped by {stop.name} after step {p.step}"
                 bar.note(f"{why} with a checkpoint in {checkpoints.root / f'step-{p.step}'}; run the same command again to continue")

@@ -97,3 +97,16 @@ def test_sigusr1_on_two_ranks_resumes_exactly_and_across_world_sizes(reference, 
     assert run_inprocess(tiny_args(corpus, tmp_path / "to1", *RUN)) == 0
     one_rank = train_losses(tmp_path / "to1")
     assert len(one_rank) == 40 and max(abs(x - y) for x, y in zip(ref1, one_rank)) <= 1e-5
+
+
+def test_one_cpu_vote_a_step(tmp_path, monkeypatch):
+    """A signal on any rank and rank 0's clock for a timed save share one CPU collective a step, plus one right after
+    a save (a signal may come during it). On many ranks each gloo all-reduce is a chain of network hops."""
+    from conftest import write_posts
+    from greentext_dist.signals import GracefulStop
+
+    votes, real = [], GracefulStop.vote
+    monkeypatch.setattr(GracefulStop, "vote", lambda self, *flags: votes.append(flags) or real(self, *flags))
+    run = tiny_args(write_posts(tmp_path / "posts.jsonl"), tmp_path / "out", *RUN[:4], "--max-steps", "4", "--save-every", "2")
+    assert run_inprocess(run) == 0
+    assert len(votes) == 4 + 1  # four steps, one save before the end (step 4's checkpoint is the final one)

@@ -15,7 +15,13 @@ from greentext_dist.ui import console, fail
 
 
 def push(folder: str, repo_id: str, private: bool = False) -> str:
+    from pathlib import Path
+
+    from greentext_dist.checkpoint import MANIFEST, verify
+
     check_gpt2_dir(folder, "folder")
+    if (Path(folder) / MANIFEST).is_file() and (problem := verify(Path(folder))):  # never publish a damaged model
+        raise UserError(f"{folder} is damaged: {problem}", "push another checkpoint (OUT/checkpoints/step-N or best), or export it again")
     if hub_offline():
         raise UserError("the Hugging Face hub is unreachable from this machine",
                         f"copy {folder} to a machine with network access and run this command there (the folder is self-contained)")
@@ -28,8 +34,10 @@ def push(folder: str, repo_id: str, private: bool = False) -> str:
     except Exception:  # noqa: BLE001 - no token, an expired token and a bad endpoint all mean "not logged in" here
         raise UserError("not logged in to the Hugging Face hub", "run `hf auth login` (or set HF_TOKEN) and try again") from None
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="greentext_dist: upload fine-tuned GPT-2")
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # a bare NAME becomes USER/NAME
+        # A checkpoint's train_state/ (optimizer, RNG) is for resuming here, not for users of the model.
+        info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="greentext_dist: upload fine-tuned GPT-2",
+                                 ignore_patterns=["train_state/*", MANIFEST, ".*"])
     except HfHubHTTPError as e:
         raise UserError(f"the hub refused the upload to {repo_id}: {first_line(e)}",
                         "check the repo id and that your token may write to it") from None

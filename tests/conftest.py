@@ -105,8 +105,8 @@ def hub(monkeypatch, tmp_path):
 
     from greentext_dist.hub import hub_offline
 
-    fake = FakeHub()
-    fake.env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": fake.url, "HF_HUB_CACHE": str(tmp_path / "hf-cache")}
+    fake = FakeHub(tmp_path / "hub-uploads")
+    fake.env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": fake.url, "HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_TOKEN": "hf_test"}
     for k, v in fake.env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(hf_constants, "ENDPOINT", fake.url)

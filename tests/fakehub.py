@@ -15,9 +15,11 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 
 class FakeHub:
     """`models[repo_id] = folder`: a model repo whose files are that folder's files, at commit SHA. Every dataset id but
-    ORG/missing exists (at SHA, with no files: tests only ask for its commit). `requests` lists (method, path)."""
+    ORG/missing exists (at SHA, with no files: tests only ask for its commit). `requests` lists (method, path).
+    Uploads (`upload_folder`: create the repo, preupload, commit) write into a new folder under `root`."""
 
-    def __init__(self):
+    def __init__(self, root: Path | None = None):
+        self.root = root
         self.models: dict[str, Path] = {}
         self.requests: list[tuple[str, str]] = []
         hub = self
@@ -28,6 +30,9 @@ class FakeHub:
 
             def do_GET(self):
                 hub._answer(self, head=False)
+
+            def do_POST(self):
+                hub._post(self)
 
             def log_message(self, *args):
                 pass
@@ -51,11 +56,55 @@ class FakeHub:
         folder = self.models[repo]
         return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
 
+    def _post(self, h: BaseHTTPRequestHandler) -> None:
+        import base64
+
+        path = h.path.split("?")[0]
+        self.requests.append(("POST", path))
+        if h.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while size := int(h.rfile.readline().strip(), 16):
+                data += h.rfile.read(size)
+                h.rfile.readline()
+            h.rfile.readline()
+        else:
+            data = h.rfile.read(int(h.headers.get("Content-Length", 0)))
+        if h.headers.get("Content-Encoding") == "gzip":
+            import gzip
+
+            data = gzip.decompress(data)
+        reply: object = {}
+        if path == "/api/repos/create":
+            req = json.loads(data)
+            repo = f"{req['organization']}/{req['name']}" if req.get("organization") else f"me/{req['name']}"
+            if repo not in self.models:
+                self.models[repo] = self.root / repo.replace("/", "--")
+                self.models[repo].mkdir(parents=True)
+            reply = {"url": f"{self.url}/{repo}", "name": repo}
+        elif m := re.fullmatch(r"/api/models/(.+?)/preupload/[^/]+", path):
+            reply = {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in json.loads(data)["files"]]}
+        elif m := re.fullmatch(r"/api/models/(.+?)/commit/[^/]+", path):
+            for line in data.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    target = self.models[m[1]] / item["value"]["path"]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(base64.b64decode(item["value"]["content"]))
+            reply = {"commitUrl": f"{self.url}/{m[1]}/commit/{SHA}", "commitOid": SHA, "pullRequestUrl": None}
+        body = json.dumps(reply).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
     def _answer(self, h: BaseHTTPRequestHandler, head: bool) -> None:
         path = h.path.split("?")[0]
         self.requests.append(("HEAD" if head else "GET", path))
         status, body, headers = 404, json.dumps({"error": "not found"}).encode(), {"Content-Type": "application/json"}
-        if m := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(/revision/[^/]+)?", path):
+        if path == "/api/whoami-v2":
+            status, body = 200, json.dumps({"type": "user", "name": "me", "auth": {"accessToken": {"role": "write"}}}).encode()
+        elif m := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(/revision/[^/]+)?", path):
             if not m[1].endswith("/missing"):
                 status, body = 200, json.dumps({"id": m[1], "sha": SHA, "private": False}).encode()
         elif (m := re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+))?", path)) and m[1] in self.models:

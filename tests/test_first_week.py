@@ -210,6 +210,12 @@ def test_bad_report_to_and_offline_push_are_one_line(corpus, tmp_path, capfd, mo
     assert "hub is unreachable" in err and "Traceback" not in err
     assert push.main([str(tmp_path), "--repo-id", "me/greentext"]) == 2
     assert "not a Hugging Face model directory" in capfd.readouterr().err
+    shard = sorted((out / "final").glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # same size: only the manifest's checksum sees it
+    shard.write_bytes(data)
+    assert push.main([str(out / "final"), "--repo-id", "me/greentext"]) == 2  # refused before asking the hub anything
+    assert f"final is damaged: {shard.name} does not match its checksum" in capfd.readouterr().err
 
 
 def test_python_api_runs_twice_in_one_process(corpus, tmp_path):

@@ -107,3 +107,24 @@ def test_ranks_share_one_hub_download(corpus, tmp_path, hub):
     fetched = hub.asked(r"/someone/tiny-gpt2/resolve/.*")
     assert fetched and all(hub.requests.count(("GET", p)) == 1 for p in fetched), hub.requests
     assert os.path.isdir(tmp_path / "out" / "final")
+
+
+def test_push_publishes_a_model_that_loads_back(corpus, tmp_path, hub):
+    """push uploads OUT/final (weights, tokenizer, model card) and nothing that is only for resuming here; what it
+    uploaded downloads as the same model."""
+    from greentext_dist import push
+    from greentext_dist.checkpoint import step_dirs
+    from greentext_dist.generate import load
+
+    out = tmp_path / "run"
+    assert run_inprocess(tiny_args(corpus, out, "--max-steps", "2", "--global-batch-size", "4", "--micro-batch-size", "2")) == 0
+    assert push.main([str(out / "final"), "--repo-id", "greentext"]) == 0  # a bare name goes to the user's namespace
+    published = sorted(p.name for p in hub.models["me/greentext"].iterdir())
+    assert published == sorted(p.name for p in (out / "final").iterdir() if p.name != "manifest.json") and "README.md" in published
+    x = torch.tensor([[15496, 995, 50256, 29, 1350]])
+    theirs, mine = load("me/greentext", "cpu")[0], load(str(out / "final"), "cpu")[0]
+    assert torch.equal(theirs(input_ids=x).logits, mine(input_ids=x).logits)
+
+    step = step_dirs(out / "checkpoints")[-1][1]
+    assert push.main([str(step), "--repo-id", "me/greentext-step"]) == 0
+    assert not (hub.models["me/greentext-step"] / "train_state").exists()  # optimizer state stays home

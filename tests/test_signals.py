@@ -103,10 +103,10 @@ def test_one_cpu_vote_a_step(tmp_path, monkeypatch):
     """A signal on any rank and rank 0's clock for a timed save share one CPU collective a step, plus one right after
     a save (a signal may come during it). On many ranks each gloo all-reduce is a chain of network hops."""
     from conftest import write_posts
-    from greentext_dist.signals import GracefulStop
+    from greentext_dist import train
 
-    votes, real = [], GracefulStop.vote
-    monkeypatch.setattr(GracefulStop, "vote", lambda self, *flags: votes.append(flags) or real(self, *flags))
+    votes, real = [], train.GracefulStop.vote  # the class the loop uses (other tests may have reloaded the module)
+    monkeypatch.setattr(train.GracefulStop, "vote", lambda self, *flags: votes.append(flags) or real(self, *flags))
     run = tiny_args(write_posts(tmp_path / "posts.jsonl"), tmp_path / "out", *RUN[:4], "--max-steps", "4", "--save-every", "2")
     assert run_inprocess(run) == 0
     assert len(votes) == 4 + 1  # four steps, one save before the end (step 4's checkpoint is the final one)

@@ -81,6 +81,7 @@ def test_hub_repos_that_cannot_be_used_are_one_line(tmp_path, hub):
     assert not hub.asked(r".*runs/x/final.*")
 
 
+@pytest.mark.slow
 def test_training_from_a_hub_id_equals_training_from_the_same_local_folder(corpus, tmp_path, hub):
     repo = hub.models[REPO] = model_repo(tmp_path / "repo")
     common = ("--max-steps", "3", "--global-batch-size", "4", "--micro-batch-size", "2", "--eval-every", "0")

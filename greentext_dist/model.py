@@ -46,6 +46,8 @@ def preset_config(name: str, dropout: float) -> GPT2Config:
 def check_gpt2_dir(path: str, flag: str) -> GPT2Config:
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
+        if (Path(path) / "final" / "config.json").is_file() or (Path(path) / "checkpoints").is_dir():
+            raise UserError(f"{flag} {path} is a training run's folder, not a model", f"pass {Path(path) / 'final'} or {Path(path) / 'checkpoints'}/step-N")
         raise UserError(f"{flag} {path} is not a Hugging Face model directory (no config.json)",
                         "point it at a folder written by save_pretrained, e.g. OUT/final")
     try:

@@ -210,6 +210,10 @@ def test_bad_report_to_and_offline_push_are_one_line(corpus, tmp_path, capfd, mo
     assert "hub is unreachable" in err and "Traceback" not in err
     assert push.main([str(tmp_path), "--repo-id", "me/greentext"]) == 2
     assert "not a Hugging Face model directory" in capfd.readouterr().err
+    from greentext_dist.generate import main as generate
+
+    assert generate([str(out)]) == 2  # the run's folder instead of its model
+    assert f"{out} is a training run's folder, not a model. Fix: pass {out / 'final'} or" in capfd.readouterr().err
     shard = sorted((out / "final").glob("*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
     data[-1] ^= 1  # same size: only the manifest's checksum sees it

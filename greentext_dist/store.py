@@ -85,9 +85,22 @@ def hub_revision(name: str) -> str:
 
 
 def tokenizer_fingerprint(tok) -> str:
+    """What decides the ids `encode` gives: the model (vocabulary, merges), normalizer, pre-tokenizer and added tokens,
+    not how a file spells the rest. The hub's `gpt2` tokenizer.json and the bundled GPT-2 files differ only in a
+    post-processor, a decoder and a flag of the special token, none of which touch ordinary-text encoding; a store
+    prepared with one is found with the other (an offline node without the HF cache falls back to the bundled files)."""
     backend = getattr(tok, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
-    return hashlib.blake2b(f"{text}|eos={tok.eos_token_id}".encode(), digest_size=16).hexdigest()
+    h = hashlib.blake2b(digest_size=16)
+    if backend is None:
+        h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    else:
+        for part in (backend.model, backend.normalizer, backend.pre_tokenizer):  # each serialises itself as JSON, fast
+            h.update(part.__getstate__() if part is not None else b"null")
+        added = sorted((i, t.content, True) if t.special else (i, t.content, False, t.normalized, t.lstrip, t.rstrip, t.single_word)
+                       for i, t in backend.get_added_tokens_decoder().items())
+        h.update(json.dumps(added).encode())
+    h.update(f"|eos={tok.eos_token_id}".encode())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -389,12 +402,20 @@ def encode(tokenizer, texts: list[str]) -> list[list[int]]:
     encode_ordinary, as nanoGPT prepares data), so a post boundary only ever comes from the packer."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast") and hasattr(backend, "encode_special_tokens"):
-        before, backend.encode_special_tokens = backend.encode_special_tokens, True
+        # A tokenizer.json may carry truncation or padding settings: a post is never cut or padded here.
+        before, truncation, padding = backend.encode_special_tokens, backend.truncation, backend.padding
+        backend.encode_special_tokens = True
+        backend.no_truncation()
+        backend.no_padding()
         try:
             return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
         finally:
             backend.encode_special_tokens = before
-    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            if truncation:
+                backend.enable_truncation(**truncation)
+            if padding:
+                backend.enable_padding(**padding)
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True, truncation=False)["input_ids"]
 
 
 def batched(items: Iterator[str], n: int) -> Iterator[list[str]]:

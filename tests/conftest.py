@@ -113,6 +113,10 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", fake.env["HF_HUB_CACHE"])
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    import datasets.config as ds_config  # datasets keeps its own copies
+
+    for name, value in (("HF_ENDPOINT", fake.url), ("HF_HUB_OFFLINE", False), ("HF_DATASETS_OFFLINE", False)):
+        monkeypatch.setattr(ds_config, name, value)
     hub_offline.cache_clear()
     yield fake
     fake.close()

@@ -16,11 +16,13 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 class FakeHub:
     """`models[repo_id] = folder`: a model repo whose files are that folder's files, at commit SHA. Every dataset id but
     ORG/missing exists (at SHA, with no files: tests only ask for its commit). `requests` lists (method, path).
+    `datasets[repo_id] = folder` likewise serves a dataset repo's files (what `datasets` streams from).
     Uploads (`upload_folder`: create the repo, preupload, commit) write into a new folder under `root`."""
 
     def __init__(self, root: Path | None = None):
         self.root = root
         self.models: dict[str, Path] = {}
+        self.datasets: dict[str, Path] = {}
         self.requests: list[tuple[str, str]] = []
         hub = self
 
@@ -52,9 +54,22 @@ class FakeHub:
         """The dataset ids whose commit was asked for, in order."""
         return [m[1] for _, p in self.requests if (m := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(/revision/[^/]+)?", p))]
 
-    def _files(self, repo: str) -> dict[str, Path]:
-        folder = self.models[repo]
+    def _files(self, repo: str, kind: str = "models") -> dict[str, Path]:
+        folder = getattr(self, kind)[repo]
         return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    def _entries(self, repo: str, kind: str, under: str, recursive: bool) -> list[dict]:
+        """The tree API's entries below `under` (files, and folders when not recursive)."""
+        out, dirs = [], set()
+        for f, p in self._files(repo, kind).items():
+            if under and not f.startswith(under + "/"):
+                continue
+            rest = f[len(under) + 1:] if under else f
+            if "/" in rest and not recursive:
+                dirs.add((under + "/" if under else "") + rest.split("/")[0])
+                continue
+            out.append({"type": "file", "path": f, "size": p.stat().st_size, "oid": hashlib.sha1(p.read_bytes()).hexdigest()})
+        return [{"type": "directory", "path": d, "oid": "0" * 40} for d in sorted(dirs)] + out
 
     def _post(self, h: BaseHTTPRequestHandler) -> None:
         import base64
@@ -81,6 +96,14 @@ class FakeHub:
                 self.models[repo] = self.root / repo.replace("/", "--")
                 self.models[repo].mkdir(parents=True)
             reply = {"url": f"{self.url}/{repo}", "name": repo}
+        elif (m := re.fullmatch(r"/api/(models|datasets)/(.+?)/paths-info/[^/]+", path)) and m[2] in getattr(self, m[1]):
+            from urllib.parse import parse_qs
+
+            form = parse_qs(data.decode()) if not data.startswith(b"{") else json.loads(data)
+            files = self._files(m[2], m[1])
+            reply = [e for q in form.get("paths", []) for e in self._entries(m[2], m[1], "", True) if e["path"] == q]
+            reply += [{"type": "directory", "path": q, "oid": "0" * 40} for q in form.get("paths", [])
+                      if q not in files and any(f.startswith(q + "/") for f in files)]
         elif m := re.fullmatch(r"/api/models/(.+?)/preupload/[^/]+", path):
             reply = {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in json.loads(data)["files"]]}
         elif m := re.fullmatch(r"/api/models/(.+?)/commit/[^/]+", path):
@@ -99,25 +122,36 @@ class FakeHub:
         h.wfile.write(body)
 
     def _answer(self, h: BaseHTTPRequestHandler, head: bool) -> None:
-        path = h.path.split("?")[0]
+        from urllib.parse import unquote
+
+        path, _, query = h.path.partition("?")
+        path = unquote(path)
         self.requests.append(("HEAD" if head else "GET", path))
         status, body, headers = 404, json.dumps({"error": "not found"}).encode(), {"Content-Type": "application/json"}
         if path == "/api/whoami-v2":
             status, body = 200, json.dumps({"type": "user", "name": "me", "auth": {"accessToken": {"role": "write"}}}).encode()
-        elif m := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(/revision/[^/]+)?", path):
-            if not m[1].endswith("/missing"):
-                status, body = 200, json.dumps({"id": m[1], "sha": SHA, "private": False}).encode()
-        elif (m := re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+))?", path)) and m[1] in self.models:
-            siblings = [{"rfilename": f} for f in self._files(m[1])]
-            status, body = 200, json.dumps({"id": m[1], "sha": SHA, "private": False, "siblings": siblings}).encode()
-        elif (m := re.fullmatch(r"/api/models/(.+?)/tree/([^/]+)(/.*)?", path)) and m[1] in self.models:
-            tree = [{"type": "file", "path": f, "size": p.stat().st_size, "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
-                    for f, p in self._files(m[1]).items()]
+        elif (m := re.fullmatch(r"/api/(models|datasets)/(.+?)/tree/([^/]+)(?:/(.*))?", path)) and m[2] in getattr(self, m[1]):
+            tree = self._entries(m[2], m[1], (m[4] or "").strip("/"), "recursive=true" in query.lower())
             status, body = 200, json.dumps(tree).encode()
-        elif (m := re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)) and m[1] in self.models and m[3] in self._files(m[1]):
-            data = self._files(m[1])[m[3]].read_bytes()
+        elif (m := re.fullmatch(r"/api/(models|datasets)/(.+?)(?:/revision/([^/]+))?", path)) and m[2] in getattr(self, m[1]):
+            siblings = [{"rfilename": f} for f in self._files(m[2], m[1])]
+            status, body = 200, json.dumps({"id": m[2], "sha": SHA, "private": False, "siblings": siblings}).encode()
+        elif m := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(/revision/[^/]+)?", path):
+            if not m[1].endswith("/missing"):  # any other dataset exists, without files: tests only ask for its commit
+                status, body = 200, json.dumps({"id": m[1], "sha": SHA, "private": False}).encode()
+        elif ((m := re.fullmatch(r"/(datasets/)?(.+?)/resolve/([^/]+)/(.+)", path))
+              and m[2] in getattr(self, kind := "datasets" if m[1] else "models") and m[4] in self._files(m[2], kind)):
+            data = self._files(m[2], kind)[m[4]].read_bytes()
             status, body = 200, data
-            headers = {"Content-Type": "application/octet-stream", "X-Repo-Commit": SHA, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}
+            headers = {"Content-Type": "application/octet-stream", "X-Repo-Commit": SHA, "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
+                       "Accept-Ranges": "bytes"}
+            if r := re.fullmatch(r"bytes=(\d+)-(\d*)", h.headers.get("Range", "")):
+                start, end = int(r[1]), int(r[2]) + 1 if r[2] else len(data)
+                status, body = 206, data[start:end]
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+        if status == 404:  # as the hub says which: huggingface_hub raises EntryNotFound (a file that is not there) on this
+            known = (m := re.fullmatch(r"/(datasets/)?(.+?)/resolve/.*", path)) and m[2] in getattr(self, "datasets" if m[1] else "models")
+            headers["X-Error-Code"] = "EntryNotFound" if known else "RepoNotFound"
         h.send_response(status)
         for k, v in headers.items():
             h.send_header(k, v)

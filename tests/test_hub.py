@@ -33,8 +33,11 @@ def go_offline(monkeypatch):
 
     from greentext_dist.hub import hub_offline
 
+    import datasets.config as ds_config
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(ds_config, "HF_HUB_OFFLINE", True)
     hub_offline.cache_clear()
 
 
@@ -129,3 +132,29 @@ def test_push_publishes_a_model_that_loads_back(corpus, tmp_path, hub):
     step = step_dirs(out / "checkpoints")[-1][1]
     assert push.main([str(step), "--repo-id", "me/greentext-step"]) == 0
     assert not (hub.models["me/greentext-step"] / "train_state").exists()  # optimizer state stays home
+
+
+def test_a_hub_dataset_streams_into_a_store_that_offline_nodes_reuse(tmp_path, hub, monkeypatch):
+    """The default path of a first run: --dataset is a hub id. `prepare` streams it from the hub (where the login
+    node has the network) into a token store; an offline compute node then trains from that store without asking
+    the hub anything, on exactly the posts of the same data read from a local file."""
+    from conftest import write_posts
+    from greentext_dist.prepare import main as prepare
+
+    repo = tmp_path / "dataset-repo"
+    repo.mkdir()
+    posts = write_posts(repo / "greentexts.jsonl")
+    hub.datasets["someone/greentext"] = repo
+    cache = tmp_path / "tokens"
+    assert prepare(["--dataset", "someone/greentext", "--cache-dir", str(cache)]) == 0
+    (meta,) = [json.loads(p.read_text()) for p in cache.glob("*/meta.json")]
+    assert meta["key"]["origin"] == f"hub:{SHA}" and meta["posts"] == 60
+    assert hub.asked(r"/datasets/someone/greentext/resolve/.*/greentexts.jsonl")  # streamed from the hub
+
+    go_offline(monkeypatch)
+    hub.requests.clear()
+    common = ("--max-steps", "2", "--global-batch-size", "4", "--micro-batch-size", "2", "--eval-every", "0", "--cache-dir", str(cache))
+    assert run_inprocess(tiny_args("someone/greentext", tmp_path / "offline", *common)) == 0
+    assert hub.requests == []
+    assert run_inprocess(tiny_args(posts, tmp_path / "local", *common)) == 0
+    assert train_losses(tmp_path / "offline") == train_losses(tmp_path / "local")

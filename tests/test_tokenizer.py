@@ -51,3 +51,37 @@ def test_local_directory_roundtrip(tmp_path):
 def test_other_name_offline_is_a_clear_error():
     with pytest.raises(UserError, match="tokenizer .someone/not-a-tokenizer. is not in the Hugging Face cache and the hub is unreachable"):
         load_tokenizer("someone/not-a-tokenizer")
+
+
+def test_store_key_depends_on_what_decides_the_ids_only(tmp_path):
+    """The hub's gpt2 tokenizer.json differs from the bundled files in its post-processor, its decoder and the special
+    token's `normalized` flag, none of which change ordinary-text ids: a token store prepared with one must be found
+    with the other (an offline node without the HF cache falls back to the bundled files). A tokenizer set to truncate
+    must not cut posts. A different merge list is a different tokenizer."""
+    import json
+
+    from greentext_dist.store import encode, tokenizer_fingerprint
+
+    bundled = bundled_gpt2()
+    spec = json.loads(bundled.backend_tokenizer.to_str())
+    spec["added_tokens"][0]["normalized"] = True
+    spec["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+
+    def saved(name, spec):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "tokenizer.json").write_text(json.dumps(spec))
+        special = "<|endoftext|>"
+        (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": special, "bos_token": special,
+                                                             "unk_token": special, "model_max_length": 1024}))
+        return load_tokenizer(str(d))
+
+    hub_style = saved("hub-style", spec)
+    hub_style.backend_tokenizer.enable_truncation(8)
+    assert tokenizer_fingerprint(hub_style) == tokenizer_fingerprint(bundled)
+    post = ">be me\n>write a post far longer than eight tokens <|endoftext|> with the end-of-text spelled out"
+    assert encode(hub_style, [post]) == encode(bundled, [post]) and len(encode(hub_style, [post])[0]) > 8
+    assert hub_style.backend_tokenizer.truncation is not None  # and is as it was afterwards
+
+    spec["model"]["merges"] = spec["model"]["merges"][:-1000]
+    assert tokenizer_fingerprint(saved("other-merges", spec)) != tokenizer_fingerprint(bundled)

@@ -71,7 +71,7 @@ def download(name: str, files=MODEL_FILES + TOKENIZER_FILES, revision: str | Non
         folder = snapshot_download(name, revision=revision, allow_patterns=patterns, local_files_only=hub_offline())
     except Exception as e:  # noqa: BLE001 - not found, gated, network, not cached offline: all one line for the user
         if hub_offline():
-            raise UserError(f"{what} '{name}' is not in the Hugging Face cache and the hub is unreachable",
+            raise UserError(f"{what} '{name}' is not cached and the Hugging Face hub is unreachable",
                             f"download it where the hub is reachable (hf download {name}) into the same cache (HF_HOME), "
                             f"or into a folder (--local-dir DIR) and {instead or f'pass DIR instead of {name}'}") from None
         raise UserError(f"cannot download {what} '{name}' from the Hugging Face hub ({type(e).__name__}: {first_line(e, 160)})",

@@ -127,7 +127,7 @@ def test_generate_and_evaluate_refuse_bad_settings_before_the_work(model_dir, tm
     assert evaluate([str(model_dir), "--task", "hellaswag", "--data", "someone/hellaswag"]) == 2
     assert "HellaSwag 'someone/hellaswag' is on the Hugging Face hub, which is unreachable, and not in the datasets cache" in capsys.readouterr().err
     assert evaluate(["someone/gpt2-greentext", "--task", "hellaswag", "--data", str(items)]) == 2
-    assert "model 'someone/gpt2-greentext' is not in the Hugging Face cache" in capsys.readouterr().err
+    assert "model 'someone/gpt2-greentext' is not cached and the Hugging Face hub is unreachable" in capsys.readouterr().err
 
 
 def test_harness_preprocessing():

@@ -66,7 +66,7 @@ def test_a_hub_model_is_downloaded_once_and_then_served_from_the_cache(corpus, t
 
     go_offline(monkeypatch)  # an offline node reads the cache, and says what to do when it lacks the repo
     assert download(REPO) == str(folder) and hub.requests == []
-    with pytest.raises(UserError, match="'someone/other' is not in the Hugging Face cache and the hub is unreachable.*hf download"):
+    with pytest.raises(UserError, match="'someone/other' is not cached and the Hugging Face hub is unreachable.*hf download"):
         download("someone/other")
 
 

@@ -49,7 +49,7 @@ def test_local_directory_roundtrip(tmp_path):
 
 
 def test_other_name_offline_is_a_clear_error():
-    with pytest.raises(UserError, match="tokenizer .someone/not-a-tokenizer. is not in the Hugging Face cache and the hub is unreachable"):
+    with pytest.raises(UserError, match="tokenizer .someone/not-a-tokenizer. is not cached and the Hugging Face hub is unreachable"):
         load_tokenizer("someone/not-a-tokenizer")
 
 

@@ -155,7 +155,6 @@ def report_path(a) -> str:
 def main(argv: list[str] | None = None) -> int:
     from greentext_dist.dist import init_distributed, on_main
     from greentext_dist.generate import check_sampling, load
-    from greentext_dist.hub import shared_download
 
     a = build_parser().parse_args(argv)
     env = init_distributed()
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             check_sampling(a.temperature, a.top_k, a.top_p)
         on_main(check_outputs, a)
         a.precision = a.precision or ("bf16" if env.device.type == "cuda" else "fp32")
-        model, tokenizer = load(a.checkpoint, str(env.device), folder=shared_download(a.checkpoint))  # a hub repo: one download
+        model, tokenizer = load(a.checkpoint, str(env.device))  # every rank: a hub repo is downloaded once, by rank 0
         if a.seq_len > model.config.n_positions:
             raise UserError(f"--seq-len {a.seq_len} is longer than the model's {model.config.n_positions} positions",
                             f"use --seq-len {model.config.n_positions} or less")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from rich.text import Text
 
 from greentext_dist.errors import UserError
-from greentext_dist.hub import download, is_local
+from greentext_dist.hub import shared_download
 from greentext_dist.model import check_gpt2_dir, load_weights, true_vocab
 from greentext_dist.rundir import writable_file
 from greentext_dist.tokenizer import load_tokenizer
@@ -93,9 +92,10 @@ def show(samples: list[str]) -> None:
             results.print(Text(line, style="green" if line.startswith(">") else ""))
 
 
-def load(ckpt: str, device: str | None = None, folder: str | None = None):
-    """A local HF GPT-2 directory, or a hub repo downloaded by this process (`folder`: already downloaded)."""
-    ckpt = folder or (os.path.expanduser(ckpt) if is_local(ckpt) else download(ckpt))
+def load(ckpt: str, device: str | None = None):
+    """A local HF GPT-2 directory or a hub repo. Collective under a process group (evaluate's ranks): rank 0
+    downloads a hub repo once for all of them."""
+    ckpt = shared_download(ckpt)
     check_gpt2_dir(ckpt, "checkpoint")
     tok_source = ckpt if (Path(ckpt) / "tokenizer_config.json").exists() else "gpt2"
     tokenizer = load_tokenizer(tok_source)

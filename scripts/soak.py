@@ -3,7 +3,7 @@ curve must equal an uninterrupted run, and checkpoint rotation must keep disk us
 --keep-last + 1 checkpoints (a kill between a save's rename and its rotation) and one leftover
 temporary folder, which the next run removes.
 
-    python scripts/soak.py --rounds 6 --max-steps 60             # the CI variant (about 1 min on 2 cores)
+    python scripts/soak.py --rounds 4 --max-steps 60             # the CI variant (about 40 s on 2 cores)
     python scripts/soak.py --rounds 100 --max-steps 2000 --epochs-corpus 20   # a long soak
 """
 

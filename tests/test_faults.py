@@ -136,11 +136,11 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(corpus, tmp_path, m
 
 @pytest.mark.slow
 def test_soak_random_kills_end_on_the_uninterrupted_curve():
-    p = subprocess.run([sys.executable, "scripts/soak.py", "--rounds", "6", "--max-steps", "60"], capture_output=True,
+    p = subprocess.run([sys.executable, "scripts/soak.py", "--rounds", "4", "--max-steps", "60"], capture_output=True,
                        text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads(p.stdout.strip().splitlines()[-1])
-    assert result["kills"] >= 6 and result["steps"] == 60 and result["max_loss_diff"] <= 1e-6
+    assert result["kills"] >= 4 and result["steps"] == 60 and result["max_loss_diff"] <= 1e-6
 
 
 @pytest.mark.parametrize("weights_only", [True])

@@ -100,14 +100,22 @@ def test_training_from_a_hub_id_equals_training_from_the_same_local_folder(corpu
 
 @pytest.mark.slow
 def test_ranks_share_one_hub_download(corpus, tmp_path, hub):
-    """Every rank needs the pretrained weights and the tokenizer: rank 0 downloads them and pins the commit, the other
-    rank takes that commit from the cache. Hundreds of ranks asking the hub at once would be rate-limited."""
+    """Every rank needs the pretrained weights, the tokenizer and the hub dataset's commit (to find its token store):
+    rank 0 downloads or asks once and pins the commit, the other rank takes that commit from the cache. Hundreds of
+    ranks asking the hub at once would be rate-limited, and could each see a different commit."""
+    from greentext_dist import store
+    from greentext_dist.data import source_posts
+
     hub.models[REPO] = model_repo(tmp_path / "repo")
-    args = tiny_args(corpus, tmp_path / "out", "--model-path", REPO, "--tokenizer", REPO, "--max-steps", "2",
+    tokens = tmp_path / "tokens"  # the hub dataset's store at the hub's commit, with the local corpus's posts (as if downloaded)
+    store.ensure("someone/greentext", "post:auto", bundled_gpt2(), lambda rev: source_posts(str(corpus), None), tokens, progress=False)
+    hub.requests.clear()
+    args = tiny_args("someone/greentext", tmp_path / "out", "--model-path", REPO, "--tokenizer", REPO, "--max-steps", "2",
                      "--global-batch-size", "4", "--micro-batch-size", "2")
-    p = launch(args, nproc=2, env={**hub.env, "GREENTEXT_CACHE": str(tmp_path / "tokens")})
+    p = launch(args, nproc=2, env={**hub.env, "GREENTEXT_CACHE": str(tokens)})
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(hub.asked(r"/api/models/someone/tiny-gpt2/revision/main")) == 2  # rank 0 only: the weights and the tokenizer
+    assert hub.dataset_lookups() == ["someone/greentext"]
     fetched = hub.asked(r"/someone/tiny-gpt2/resolve/.*")
     assert fetched and all(hub.requests.count(("GET", p)) == 1 for p in fetched), hub.requests
     assert os.path.isdir(tmp_path / "out" / "final")

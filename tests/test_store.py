@@ -302,25 +302,6 @@ def test_hub_commit_is_looked_up_once_and_reused(corpus, tmp_path, hub):
         hub_revisions(data_config("someone/missing", 16))
 
 
-@pytest.mark.slow
-def test_ranks_share_one_hub_lookup(corpus, tmp_path, hub):
-    """Every rank needs the hub dataset's commit to find its store: rank 0 asks the hub once and tells the others
-    (hundreds of ranks asking at once would be rate-limited, and could each see a different commit)."""
-    from conftest import launch
-    from greentext_dist.tokenizer import load_tokenizer
-
-    tok_dir = tmp_path / "tokenizer"
-    TOK.save_pretrained(tok_dir)  # tokenizer and model are local: the dataset lookup is the only question for the hub
-    cache = tmp_path / "cache"
-    hub_store(corpus, "someone/greentext", cache, load_tokenizer(str(tok_dir)))
-    hub.requests.clear()
-    args = tiny_args("someone/greentext", tmp_path / "out", "--max-steps", "2", "--global-batch-size", "4", "--micro-batch-size", "2",
-                     "--cache-dir", str(cache), "--tokenizer", str(tok_dir))
-    p = launch(args, nproc=2, env=hub.env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert hub.dataset_lookups() == ["someone/greentext"]
-
-
 MEMORY_PROBE = """
 import sys, numpy as np
 from greentext_dist.config import DataConfig
@@ -353,9 +334,9 @@ def test_rank_memory_does_not_grow_with_corpus_size(tmp_path):
     cache = tmp_path / "cache"
     small = write_posts(tmp_path / "small.jsonl", n=100)
     rng, words = random.Random(0), "be me go outside see a dog cat pizza mfw tfw the bus job boss code rain".split()
-    big = tmp_path / "big.jsonl"  # ~20k posts of ~300 tokens, like the real corpus's long posts
+    big = tmp_path / "big.jsonl"  # ~10k posts of ~300 tokens, like the real corpus's long posts
     big.write_text("".join(json.dumps({"text": "\n".join(">" + " ".join(rng.choices(words, k=8)) for _ in range(30))}) + "\n"
-                           for _ in range(20_000)))
+                           for _ in range(10_000)))
     for path in (small, big):
         assert prepare("--dataset", str(path), cache=cache).returncode == 0
     grew = {}
@@ -364,9 +345,9 @@ def test_rank_memory_does_not_grow_with_corpus_size(tmp_path):
         assert p.returncode == 0, p.stderr[-2000:]
         grew[name] = [int(x) for x in p.stdout.split()]
     (small_kib, _, _), (big_kib, big_read, big_bytes) = grew["small"], grew["big"]
-    assert big_read > 5_000_000 and big_bytes > 10 << 20  # the big corpus was really read, a whole epoch
+    assert big_read > 2_500_000 and big_bytes > 5 << 20  # the big corpus was really read, a whole epoch
     extra = (big_kib - small_kib) * 1024
-    assert extra < 64 * 20_000, (small_kib, big_kib, big_bytes)  # the epoch's order: under 64 bytes per post ...
+    assert extra < 64 * 10_000, (small_kib, big_kib, big_bytes)  # the epoch's order: under 64 bytes per post ...
     assert extra < big_bytes / 8  # ... far below the tokens, which stay in the memory map
 
 

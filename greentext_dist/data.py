@@ -174,22 +174,33 @@ def open_mix_source(name: str, text_field: str | None, revision: str | None = No
     return ds.map(lambda ex: {"text": to_text(ex)}, remove_columns=list(first))
 
 
+def one_newline(text: str) -> str:
+    """Line endings as "\n": "\r\n" and a lone "\r" are line breaks, as Python reads a text file (and as a .txt
+    source reaches us), so a post is the same tokens from a .txt, .jsonl, .csv or .parquet file, or a prompt."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def clean_post(text: str) -> str:
+    """A post as the store keeps it: one kind of line ending, no blank space around it ("" drops the post)."""
+    return one_newline(text).strip()
+
+
 def source_posts(name: str, text_field: str | None, revision: str | None = None) -> Iterator[str]:
-    """The non-blank posts of a --dataset/--val-dataset source, stripped, in file order."""
+    """The non-blank posts of a --dataset/--val-dataset source, cleaned (clean_post), in file order."""
     ds = open_dataset(name, revision)
     get_text = text_getter(first_example(ds, name), text_field, name)
     with readable(name):
         for batch in ds.iter(batch_size=1000):
             for text in get_text.batch(batch):
-                if text := text.strip():
+                if text := clean_post(text):
                     yield text
 
 
 def mix_posts(name: str, revision: str | None = None) -> Iterator[str]:
-    """The non-blank posts of a --mix source (any text column; HellaSwag as context + gold ending)."""
+    """The non-blank posts of a --mix source (any text column; HellaSwag as context + gold ending), cleaned."""
     with readable(name):
         for ex in open_mix_source(name, None, revision):
-            if text := (ex["text"] or "").strip():
+            if text := clean_post(ex["text"] or ""):
                 yield text
 
 
@@ -198,7 +209,7 @@ def post_hash(text: str) -> int:
 
 
 def is_val_post(text: str, fraction: float) -> bool:
-    """Held-out membership by a stable hash of the (stripped) post, so it never depends on order, seed or world
+    """Held-out membership by a stable hash of the (cleaned) post, so it never depends on order, seed or world
     size. The store keeps each post's hash, so Store.val_mask gives the same answer without the text."""
     return fraction > 0 and post_hash(text) / 2**64 < fraction
 

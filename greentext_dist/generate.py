@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from rich.text import Text
 
+from greentext_dist.data import one_newline
 from greentext_dist.errors import UserError
 from greentext_dist.hub import shared_download
 from greentext_dist.model import check_gpt2_dir, load_weights, true_vocab
@@ -22,8 +23,8 @@ from greentext_dist.ui import fail, results, setup_logging
 
 
 def as_greentext(prompt: str) -> str:
-    """Prompts are written without '>': 'be me\\ngo outside' -> '>be me\\n>go outside'."""
-    return "\n".join(line if line.startswith(">") else ">" + line for line in prompt.split("\n"))
+    """Prompts are written without '>': 'be me\\ngo outside' -> '>be me\\n>go outside' (any line ending, as in training)."""
+    return "\n".join(line if line.startswith(">") else ">" + line for line in one_newline(prompt).split("\n"))
 
 
 @torch.no_grad()

@@ -37,6 +37,33 @@ def test_formats(tmp_path):
     assert posts_of(tmp_path / "lines.json") == POSTS
 
 
+def test_line_endings_are_one_whatever_the_file(tmp_path):
+    """Posts written with Windows ("\\r\\n") or old Mac ("\\r") line endings are the same posts, so the same tokens:
+    a .txt file already reaches us with "\\n" (Python's universal newlines), and every other format now does too."""
+    import pandas as pd
+
+    from greentext_dist.data import cache_dir, prepare_source, source_posts
+    from greentext_dist.generate import as_greentext
+    from greentext_dist.tokenizer import bundled_gpt2
+
+    posts = [p.replace(">be you\n\n>read them", ">be you\n>read them") for p in POSTS] + [">be windows\n>end lines twice\n"]
+    crlf = [p.replace("\n", "\r\n") for p in posts]
+    (tmp_path / "lf.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in posts))
+    (tmp_path / "crlf.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in crlf))
+    (tmp_path / "cr.jsonl").write_text("".join(json.dumps({"text": p.replace("\n", "\r")}) + "\n" for p in posts))
+    (tmp_path / "crlf.txt").write_bytes("\r\n\r\n".join(crlf).encode())
+    pd.DataFrame({"text": crlf}).to_csv(tmp_path / "crlf.csv", index=False, lineterminator="\r\n")
+    pd.DataFrame({"text": crlf}).to_parquet(tmp_path / "crlf.parquet")
+    expected = [p.strip() for p in posts]
+    for name in ("lf.jsonl", "crlf.jsonl", "cr.jsonl", "crlf.txt", "crlf.csv", "crlf.parquet"):
+        assert list(source_posts(str(tmp_path / name), None)) == expected, name
+    tok, cache = bundled_gpt2(), cache_dir(str(tmp_path / "cache"))
+    stores = [prepare_source(str(tmp_path / name), None, tok, cache, progress=False) for name in ("lf.jsonl", "crlf.jsonl", "crlf.txt")]
+    assert len({s.path for s in stores}) == 3 and len({s.tokens.tobytes() for s in stores}) == 1
+    assert 201 not in stores[1].tokens  # GPT-2's "\r": never learned, never generated
+    assert as_greentext("be me\r\ngo outside\rmfw") == ">be me\n>go outside\n>mfw"
+
+
 def test_directory_and_prompt_completion(tmp_path):
     d = tmp_path / "shards"
     d.mkdir()

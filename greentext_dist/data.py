@@ -61,7 +61,8 @@ def open_dataset(name: str, revision: str | None = None) -> IterableDataset:
             raise UserError(f"dataset file {empty[0]} is empty", "point --dataset at a file with posts")
         builder = kinds.pop()
         # .txt: one post per blank-line-separated paragraph, since greentext posts span several lines.
-        extra = {"sample_by": "paragraph"} if builder == "text" else {}
+        # utf-8-sig: a byte-order mark (Windows editors write one) is dropped, not read as the first post's first character.
+        extra = {"sample_by": "paragraph", "encoding": "utf-8-sig"} if builder == "text" else {}
         if builder == "json" and (field := records_field(files)):
             extra["field"] = field
         return load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True, **extra)
@@ -236,22 +237,46 @@ def first_bad_json_line(source: str) -> tuple[str, int, str] | None:
                 if not line.strip():
                     continue
                 try:
-                    if not isinstance(json.loads(line), dict):
+                    if not isinstance(json.loads(line.rstrip("\r\n")), dict):
                         return str(f), n, "not a JSON object"
                 except ValueError as e:
                     return str(f), n, str(e)
     return None
 
 
+def first_undecodable(source: str) -> tuple[str, int, bytes] | None:
+    """(file, line number, bytes) of the first text in a local source that is not UTF-8 (parquet is binary: skipped)."""
+    from greentext_dist.store import local_files
+
+    for f in local_files(source):
+        if f.suffix == ".parquet":
+            continue
+        with open(f, "rb") as fh:
+            for n, line in enumerate(fh, 1):  # a UTF-8 sequence never holds the byte of "\n"
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return str(f), n, line[e.start:e.end]
+    return None
+
+
 @contextmanager
 def readable(source: str):
-    """Turn a reader's failure on a malformed local file into one line naming the file and line."""
+    """Turn a reader's failure on a malformed local file (not UTF-8, or a bad JSON line) into one line naming the file
+    and line."""
     try:
         yield
     except UserError:
         raise
     except Exception:
-        bad = first_bad_json_line(source) if is_local(source) else None
+        if not is_local(source):
+            raise
+        if undecodable := first_undecodable(source):
+            f, n, raw = undecodable
+            raise UserError(f"{f} line {n} is not UTF-8 text (bytes {raw.hex(' ')})",
+                            f"convert it to UTF-8 and read the copy, e.g. iconv -f cp1252 -t utf-8 {f} > "
+                            f"{Path(f).with_stem(Path(f).stem + '-utf8')} (cp1252: the usual Windows encoding)") from None
+        bad = first_bad_json_line(source)
         if bad is None:
             raise
         f, n, why = bad

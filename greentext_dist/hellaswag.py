@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from greentext_dist.data import readable
 from greentext_dist.errors import UserError, first_line
 from greentext_dist.hub import hub_offline, is_local
 
@@ -53,7 +54,8 @@ def load_items(data: str, split: str = "validation", limit: int | None = None) -
         files = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.json")) if path.is_dir() else [path]
         if not files:
             raise UserError(f"HellaSwag folder {data} holds no .jsonl files", "point --data at hellaswag_val.jsonl")
-        ds = load_dataset("json", data_files=[str(f) for f in files], split="train")
+        with readable(data):
+            ds = load_dataset("json", data_files=[str(f) for f in files], split="train")
     else:
         try:
             ds = load_dataset(data, split=split)  # offline (HF_HUB_OFFLINE=1), from the datasets cache if it is there

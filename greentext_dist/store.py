@@ -39,7 +39,9 @@ from greentext_dist.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3  # 2: special-token text in posts is ordinary text; 3: "\r\n" and "\r" read as "\n". Bump when the layout or the meaning of a file changes: old stores are then never read
+# Bump FORMAT when the layout or the meaning of a file changes: old stores are then never read.
+# 2: special-token text in posts is ordinary text; 3: "\r\n" and "\r" read as "\n", a .txt file's BOM dropped.
+FORMAT = 3
 FILES = ("tokens.bin", "offsets.bin", "hashes.bin")
 BATCH = 1000  # posts per tokenizer call (the Rust tokenizer spreads a batch over every core)
 SAMPLE = 1 << 16  # bytes hashed from each end of a local file for its fingerprint (cheap for a folder of many files)

@@ -81,8 +81,11 @@ def _more_cases(tmp_path, corpus, ckpt_tiny):
     dshard.write_bytes(dshard.read_bytes()[:100])
     afile = tmp_path / "a_file"
     afile.write_text("x")
+    windows = tmp_path / "windows.csv"
+    windows.write_bytes('text\n">be me\n>café"\n'.encode("cp1252"))
     return {
         "malformed jsonl line": (["--dataset", str(broken)], f"{broken} line 3 is not valid JSON", {}),
+        "a file that is not UTF-8": (["--dataset", str(windows)], f"{windows} line 3 is not UTF-8 text (bytes e9)", {}),
         "truncated safetensors shard": (["--model-path", str(truncated)], "could not load the weights", {}),
         "truncated shard in a resume checkpoint": (["--resume", str(damaged / ckpt_tiny.name)], "has 100 bytes, expected", {}),
         "resume from another model size": (["--model", "small", "--init", "scratch", "--resume", str(ckpt_tiny)],

@@ -204,6 +204,24 @@ def test_hellaswag_equals_brute_force_reference(model, model_dir, tok, tmp_path)
     assert "per_item" not in res2 and res2["acc_stderr"] > 0
 
 
+def test_hellaswag_files_that_cannot_be_read_are_one_line(tmp_path):
+    from greentext_dist.errors import UserError
+
+    good = "".join(json.dumps(d) + "\n" for d in make_items(3))
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(good + '{"ctx": "cut off\n')
+    with pytest.raises(UserError, match=r"cut.jsonl line 4 is not valid JSON \(Unterminated string"):
+        hs.load_items(str(cut))
+    windows = tmp_path / "windows.jsonl"
+    windows.write_bytes((good + json.dumps({**make_items(1)[0], "ctx": "a café"}, ensure_ascii=False) + "\n").encode("cp1252"))
+    with pytest.raises(UserError, match=r"windows.jsonl line 4 is not UTF-8 text \(bytes e9\)"):
+        hs.load_items(str(windows))
+    fields = tmp_path / "fields.jsonl"
+    fields.write_text(json.dumps({"question": "x", "answer": "y"}) + "\n")
+    with pytest.raises(UserError, match=r"lacks fields \['ctx', 'endings', 'label'\]"):
+        hs.load_items(str(fields))
+
+
 def test_hellaswag_empty_ending_does_not_divide_by_zero():
     items = [{"context": "x", "endings": ["", "a", "bb", "ccc"], "label": 0}]
     (r,) = hs.score(items, [-1.0, -5.0, -5.0, -5.0])

@@ -64,6 +64,27 @@ def test_line_endings_are_one_whatever_the_file(tmp_path):
     assert as_greentext("be me\r\ngo outside\rmfw") == ">be me\n>go outside\n>mfw"
 
 
+def test_byte_order_marks_and_other_encodings(tmp_path):
+    """A byte-order mark (Windows editors write one) is not part of the first post; a file in another encoding than
+    UTF-8 is one line naming the file, the line and the bytes, not a decoder traceback."""
+    import pandas as pd
+
+    from greentext_dist.data import source_posts
+
+    posts = [">be me\n>café", ">be you\n>tfw"]
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + "\n\n".join(posts).encode())
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": p}) + "\n" for p in posts).encode())
+    pd.DataFrame({"text": posts}).to_csv(tmp_path / "bom.csv", index=False, encoding="utf-8-sig")
+    for name in ("bom.txt", "bom.jsonl", "bom.csv"):
+        assert list(source_posts(str(tmp_path / name), None)) == posts, name
+    (tmp_path / "cp1252.txt").write_bytes("\n\n".join(posts).encode("cp1252"))
+    (tmp_path / "cp1252.jsonl").write_bytes("".join(json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in posts).encode("cp1252"))
+    pd.DataFrame({"text": posts}).to_csv(tmp_path / "cp1252.csv", index=False, encoding="cp1252")
+    for name, line in (("cp1252.txt", 2), ("cp1252.jsonl", 1), ("cp1252.csv", 3)):
+        with pytest.raises(UserError, match=rf"cp1252\.\w+ line {line} is not UTF-8 text \(bytes e9\).*iconv -f cp1252 -t utf-8"):
+            list(source_posts(str(tmp_path / name), None))
+
+
 def test_directory_and_prompt_completion(tmp_path):
     d = tmp_path / "shards"
     d.mkdir()

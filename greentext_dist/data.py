@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -28,12 +29,27 @@ if TYPE_CHECKING:
     from datasets import IterableDataset
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+COMPRESSED = (".gz", ".bz2", ".xz")  # posts.jsonl.gz: `datasets` decompresses while it streams
 # Hub repos that hold the same posts in several formats: pick one.
 KNOWN_DATA_FILES = {"DarwinAnim8or/greentext": "greentexts.jsonl"}
 IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------- sources
+
+
+def data_suffix(path: Path) -> str:
+    """What a file holds: '.jsonl' for posts.jsonl and for posts.jsonl.gz."""
+    return Path(path.stem).suffix if path.suffix in COMPRESSED else path.suffix
+
+
+def open_bytes(path: Path):
+    """A data file's bytes, decompressed."""
+    import bz2
+    import gzip
+    import lzma
+
+    return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)(path, "rb")
 
 
 def open_dataset(name: str, revision: str | None = None) -> IterableDataset:
@@ -46,23 +62,26 @@ def open_dataset(name: str, revision: str | None = None) -> IterableDataset:
         files = local_files(name)
         if not files:
             raise UserError(f"dataset folder {name} holds no {'/'.join(BUILDERS)} files", "point --dataset at a data file or a folder of them")
-        kinds = {BUILDERS.get(p.suffix) for p in files}
+        kinds = {BUILDERS.get(data_suffix(p)) for p in files}
         if None in kinds:
-            raise UserError(f"dataset {name} has unsupported type '{path.suffix}'", f"use one of {', '.join(BUILDERS)}")
+            raise UserError(f"dataset {name} has unsupported type '{''.join(path.suffixes[-2:]) or path.name}'",
+                            f"use one of {', '.join(BUILDERS)}, optionally compressed ({', '.join(COMPRESSED)})")
         if len(kinds) > 1:
             # e.g. a hub repo downloaded whole, which often holds the same posts as .jsonl and .parquet
-            by_kind = {k: [str(f.relative_to(path)) for f in files if BUILDERS[f.suffix] == k] for k in sorted(kinds)}
+            by_kind = {k: [str(f.relative_to(path)) for f in files if BUILDERS[data_suffix(f)] == k] for k in sorted(kinds)}
             listed = "; ".join(f"{k}: {', '.join(fs[:3])}{', ...' if len(fs) > 3 else ''}" for k, fs in by_kind.items())
             example = path / by_kind[min(by_kind, key=lambda k: len(by_kind[k]))][0]
             raise UserError(f"dataset folder {name} mixes file types ({listed})",
                             f"point --dataset at one file, e.g. --dataset {example}, or keep one type per folder")
+        if packed := [p for p in files if data_suffix(p) == ".parquet" and p.suffix in COMPRESSED]:
+            raise UserError(f"dataset file {packed[0]} is a compressed parquet file, which cannot be read as a stream",
+                            "decompress it: parquet compresses its own columns already")
         empty = [str(p) for p in files if p.stat().st_size == 0]
         if empty:
             raise UserError(f"dataset file {empty[0]} is empty", "point --dataset at a file with posts")
         builder = kinds.pop()
         # .txt: one post per blank-line-separated paragraph, since greentext posts span several lines.
-        # utf-8-sig: a byte-order mark (Windows editors write one) is dropped, not read as the first post's first character.
-        extra = {"sample_by": "paragraph", "encoding": "utf-8-sig"} if builder == "text" else {}
+        extra = {"sample_by": "paragraph"} if builder == "text" else {}
         if builder == "json" and (field := records_field(files)):
             extra["field"] = field
         return load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True, **extra)
@@ -82,20 +101,22 @@ def records_field(files: list[Path]) -> str | None:
 
     fields = set()
     for f in files:
-        with open(f, "rb") as fh:
+        with open_bytes(f) as fh:
             head = fh.read(1 << 16).lstrip()
         if not head.startswith(b"{"):
             return None
+        first, _, rest = head.partition(b"\n")
         try:
-            json.loads(head.split(b"\n", 1)[0])
-            return None  # the first line is a whole object: JSON lines
+            obj = json.loads(first)
+            if rest.strip() or "text" in obj or {"prompt", "completion"} <= set(obj):
+                return None  # JSON lines (or one post on one line)
+            # else one object on one line: a minified {"version": ..., "data": [...]}
         except ValueError:
-            pass
-        try:
-            with open(f, encoding="utf-8") as fh:
-                obj = json.load(fh)  # the json builder reads a whole .json file into memory anyway
-        except ValueError:
-            return None  # malformed: the reader's error names the line
+            try:
+                with open_bytes(f) as fh:
+                    obj = json.loads(fh.read())  # the json builder reads a whole .json file into memory anyway
+            except ValueError:
+                return None  # malformed: the reader's error names the line
         lists = [k for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v[:100])]
         if len(lists) != 1:
             return None
@@ -182,8 +203,9 @@ def one_newline(text: str) -> str:
 
 
 def clean_post(text: str) -> str:
-    """A post as the store keeps it: one kind of line ending, no blank space around it ("" drops the post)."""
-    return one_newline(text).strip()
+    """A post as the store keeps it: one kind of line ending, no blank space or byte-order mark (a file's first
+    character when Windows editors save it) around it; "" drops the post."""
+    return one_newline(text).strip().lstrip("\ufeff").strip()
 
 
 def source_posts(name: str, text_field: str | None, revision: str | None = None) -> Iterator[str]:
@@ -228,11 +250,11 @@ def first_bad_json_line(source: str) -> tuple[str, int, str] | None:
     import json
 
     path = Path(os.path.expanduser(source))
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json")) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if data_suffix(p) in (".jsonl", ".json")) if path.is_dir() else [path]
     for f in files:
-        if f.suffix not in (".jsonl", ".json") or not f.is_file():
+        if data_suffix(f) not in (".jsonl", ".json") or not f.is_file():
             continue
-        with open(f, encoding="utf-8", errors="replace") as fh:
+        with io.TextIOWrapper(open_bytes(f), encoding="utf-8", errors="replace") as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -249,9 +271,9 @@ def first_undecodable(source: str) -> tuple[str, int, bytes] | None:
     from greentext_dist.store import local_files
 
     for f in local_files(source):
-        if f.suffix == ".parquet":
+        if data_suffix(f) == ".parquet":
             continue
-        with open(f, "rb") as fh:
+        with open_bytes(f) as fh:
             for n, line in enumerate(fh, 1):  # a UTF-8 sequence never holds the byte of "\n"
                 try:
                     line.decode("utf-8")
@@ -273,9 +295,13 @@ def readable(source: str):
             raise
         if undecodable := first_undecodable(source):
             f, n, raw = undecodable
+            path = Path(f)
+            plain = path.with_suffix("") if path.suffix in COMPRESSED else path
+            cat = {".gz": "zcat", ".bz2": "bzcat", ".xz": "xzcat"}.get(path.suffix)
+            convert = f"{cat} {f} | iconv -f cp1252 -t utf-8" if cat else f"iconv -f cp1252 -t utf-8 {f}"
             raise UserError(f"{f} line {n} is not UTF-8 text (bytes {raw.hex(' ')})",
-                            f"convert it to UTF-8 and read the copy, e.g. iconv -f cp1252 -t utf-8 {f} > "
-                            f"{Path(f).with_stem(Path(f).stem + '-utf8')} (cp1252: the usual Windows encoding)") from None
+                            f"convert it to UTF-8 and read the copy, e.g. {convert} > {plain.with_stem(plain.stem + '-utf8')} "
+                            "(cp1252: the usual Windows encoding)") from None
         bad = first_bad_json_line(source)
         if bad is None:
             raise
@@ -338,7 +364,7 @@ def check_source_name(name: str) -> None:
     """A name that looks like a path but is not one: say so before anything asks the hub about it."""
     from greentext_dist.hub import is_local
 
-    if not is_local(name) and (name.count("/") > 1 or name.startswith((".", "/", "~")) or Path(name).suffix in BUILDERS):
+    if not is_local(name) and (name.count("/") > 1 or name.startswith((".", "/", "~")) or data_suffix(Path(name)) in BUILDERS):
         raise UserError(f"dataset {name} does not exist", "check the path, or pass a hub id like DarwinAnim8or/greentext")
 
 

@@ -40,7 +40,7 @@ from greentext_dist.errors import UserError, first_line
 log = logging.getLogger(__name__)
 
 # Bump FORMAT when the layout or the meaning of a file changes: old stores are then never read.
-# 2: special-token text in posts is ordinary text; 3: "\r\n" and "\r" read as "\n", a .txt file's BOM dropped.
+# 2: special-token text in posts is ordinary text; 3: "\r\n" and "\r" read as "\n", a leading BOM dropped.
 FORMAT = 3
 FILES = ("tokens.bin", "offsets.bin", "hashes.bin")
 BATCH = 1000  # posts per tokenizer call (the Rust tokenizer spreads a batch over every core)
@@ -58,10 +58,10 @@ def default_cache_dir() -> Path:
 
 
 def local_files(name: str) -> list[Path]:
-    from greentext_dist.data import BUILDERS
+    from greentext_dist.data import BUILDERS, data_suffix
 
     path = Path(os.path.expanduser(name))
-    return sorted(p for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file()) if path.is_dir() else [path]
+    return sorted(p for p in path.rglob("*") if data_suffix(p) in BUILDERS and p.is_file()) if path.is_dir() else [path]
 
 
 def local_fingerprint(name: str) -> list:
@@ -457,16 +457,17 @@ def background(items: Iterator, depth: int) -> Iterator:
 
 def estimate_posts(source: str) -> int | None:
     """Roughly how many records a source holds, for the ETA: lines of local .jsonl/.csv, rows of .parquet."""
+    from greentext_dist.data import data_suffix, open_bytes
     from greentext_dist.hub import is_local
 
     if not is_local(source):
         return None
     total = 0
     for f in local_files(source):
-        if f.suffix in (".jsonl", ".csv"):
-            with open(f, "rb") as fh:
+        if data_suffix(f) in (".jsonl", ".csv"):
+            with open_bytes(f) as fh:
                 total += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
-        elif f.suffix == ".parquet":
+        elif f.suffix == ".parquet":  # not data_suffix: a compressed parquet file has no footer to read
             import pyarrow.parquet as pq
 
             total += pq.ParquetFile(f).metadata.num_rows

@@ -64,6 +64,43 @@ def test_line_endings_are_one_whatever_the_file(tmp_path):
     assert as_greentext("be me\r\ngo outside\rmfw") == ">be me\n>go outside\n>mfw"
 
 
+def test_compressed_files(tmp_path):
+    """posts.jsonl.gz (or .bz2, .xz; any text format) streams as the plain file does, alone or in a folder; its
+    bad lines are named as in a plain file; a compressed parquet file (which cannot stream) is refused."""
+    import bz2
+    import gzip
+    import lzma
+
+    import pandas as pd
+
+    from greentext_dist.data import source_posts
+
+    jsonl = "".join(json.dumps({"text": p}) + "\n" for p in POSTS).encode()
+    txt = "\n\n".join(p.replace(">be you\n\n>read them", ">be you\n>read them") for p in POSTS).encode()
+    paragraphs = [POSTS[0], ">be you\n>read them", POSTS[2]]
+    files = {"a.jsonl.gz": (gzip, jsonl), "a.jsonl.bz2": (bz2, jsonl), "a.jsonl.xz": (lzma, jsonl), "b.txt.gz": (gzip, txt),
+             "c.csv.gz": (gzip, pd.DataFrame({"text": POSTS}).to_csv(index=False).encode()),
+             "d.json.xz": (lzma, json.dumps({"version": 2, "data": [{"text": p} for p in POSTS]}).encode())}  # minified, one line
+    for name, (codec, data) in files.items():
+        (tmp_path / name).write_bytes(codec.compress(data))
+        assert list(source_posts(str(tmp_path / name), None)) == (paragraphs if ".txt" in name else POSTS), name
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(2):
+        (shards / f"part{i}.jsonl.gz").write_bytes(gzip.compress(jsonl))
+    assert list(source_posts(str(shards), None)) == POSTS * 2
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(jsonl + b'{"text": "cut off\n'))
+    with pytest.raises(UserError, match=r"cut.jsonl.gz line 4 is not valid JSON \(Unterminated string"):
+        list(source_posts(str(tmp_path / "cut.jsonl.gz"), None))
+    (tmp_path / "w.txt.gz").write_bytes(gzip.compress(txt.decode().encode("cp1252", errors="replace")))
+    with pytest.raises(UserError, match=r"w.txt.gz line 7 is not UTF-8 text \(bytes e9\).*zcat .*w.txt.gz \| iconv -f cp1252 -t utf-8 > .*w-utf8.txt"):
+        list(source_posts(str(tmp_path / "w.txt.gz"), None))
+    pd.DataFrame({"text": POSTS}).to_parquet(tmp_path / "p.parquet")
+    (tmp_path / "p.parquet.gz").write_bytes(gzip.compress((tmp_path / "p.parquet").read_bytes()))
+    with pytest.raises(UserError, match="p.parquet.gz is a compressed parquet file.*decompress it"):
+        list(source_posts(str(tmp_path / "p.parquet.gz"), None))
+
+
 def test_byte_order_marks_and_other_encodings(tmp_path):
     """A byte-order mark (Windows editors write one) is not part of the first post; a file in another encoding than
     UTF-8 is one line naming the file, the line and the bytes, not a decoder traceback."""

@@ -249,9 +249,7 @@ def first_bad_json_line(source: str) -> tuple[str, int, str] | None:
     """(file, line number, error) of the first line of a local .jsonl/.json source that is not one JSON object."""
     import json
 
-    path = Path(os.path.expanduser(source))
-    files = sorted(p for p in path.rglob("*") if data_suffix(p) in (".jsonl", ".json")) if path.is_dir() else [path]
-    for f in files:
+    for f in local_files(source):
         if data_suffix(f) not in (".jsonl", ".json") or not f.is_file():
             continue
         with io.TextIOWrapper(open_bytes(f), encoding="utf-8", errors="replace") as fh:

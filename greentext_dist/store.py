@@ -58,10 +58,15 @@ def default_cache_dir() -> Path:
 
 
 def local_files(name: str) -> list[Path]:
+    """The data files of a local source: the file, or a folder's data files, skipping hidden ones (an editor's
+    .ipynb_checkpoints/ copy, `hf download`'s .cache/) and __pycache__-like ones, as `datasets` does."""
     from greentext_dist.data import BUILDERS, data_suffix
 
     path = Path(os.path.expanduser(name))
-    return sorted(p for p in path.rglob("*") if data_suffix(p) in BUILDERS and p.is_file()) if path.is_dir() else [path]
+    if not path.is_dir():
+        return [path]
+    hidden = lambda p: any(part.startswith((".", "__")) for part in p.relative_to(path).parts)  # noqa: E731
+    return sorted(p for p in path.rglob("*") if data_suffix(p) in BUILDERS and p.is_file() and not hidden(p))
 
 
 def local_fingerprint(name: str) -> list:

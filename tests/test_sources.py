@@ -128,6 +128,10 @@ def test_directory_and_prompt_completion(tmp_path):
     for i, p in enumerate(POSTS):
         (d / f"part{i}.jsonl").write_text(json.dumps({"prompt": p[:4], "completion": p[4:]}) + "\n")
     assert sorted(posts_of(d)) == sorted(POSTS)
+    for hidden in (".ipynb_checkpoints/part0-checkpoint.jsonl", ".cache/huggingface/x.jsonl", "__MACOSX/._part0.jsonl"):
+        (d / hidden).parent.mkdir(parents=True, exist_ok=True)
+        (d / hidden).write_text(json.dumps({"prompt": "a stale", "completion": " copy"}) + "\n")
+    assert sorted(posts_of(d)) == sorted(POSTS)  # hidden files and folders are not data, as for `datasets`
     (d / "extra.csv").write_text("text\nx\n")
     with pytest.raises(UserError, match=r"mixes file types \(csv: extra.csv; json: part0.jsonl, part1.jsonl, part2.jsonl\).*--dataset .*extra.csv"):
         open_dataset(str(d))

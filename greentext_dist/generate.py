@@ -110,7 +110,8 @@ def load(ckpt: str, device: str | None = None):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="greentext_dist.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final or out/checkpoints/step-N) or hub id (e.g. gpt2)")
-    p.add_argument("--prompt", default="be me", help="opening lines, without '>' (empty: unconditional)")
+    p.add_argument("--prompt", default="be me", help="opening lines, without '>', separated by newlines or a typed \\n "
+                   "(--prompt 'be me\\nwork at a bank'); empty: unconditional")
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=True, help="keep the prefix in the output")
     p.add_argument("--output", default=None, help="also write samples to this .jsonl file")
     a = p.parse_args(argv)
+    a.prompt = a.prompt.replace("\\n", "\n")  # a shell passes "be me\ngo outside" with a backslash and an n
     setup_logging(0)
     try:
         if a.num_samples < 1 or a.max_new_tokens < 1:

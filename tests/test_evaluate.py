@@ -79,12 +79,12 @@ def test_generation_stops_at_end_of_text(model, tok):
 @pytest.mark.slow
 def test_generate_cli_prefix_and_output(model_dir, tmp_path):
     out = tmp_path / "s.jsonl"
-    p = subprocess.run([sys.executable, "-m", "greentext_dist.generate", str(model_dir), "--prompt", "be me", "--num-samples", "2",
+    p = subprocess.run([sys.executable, "-m", "greentext_dist.generate", str(model_dir), "--prompt", r"be me\ngo outside", "--num-samples", "2",
                         "--max-new-tokens", "5", "--prefix", "PREFIX ", "--no-include-prefix", "--output", str(out)],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     rows = [json.loads(l) for l in out.read_text().splitlines()]
-    assert len(rows) == 2 and all(r["text"].startswith(">be me") for r in rows)
+    assert len(rows) == 2 and all(r["text"].startswith(">be me\n>go outside") for r in rows)  # a typed \n is a new line
 
 
 # ---------------------------------------------------------------- HellaSwag

@@ -266,8 +266,6 @@ def first_bad_json_line(source: str) -> tuple[str, int, str] | None:
 
 def first_undecodable(source: str) -> tuple[str, int, bytes] | None:
     """(file, line number, bytes) of the first text in a local source that is not UTF-8 (parquet is binary: skipped)."""
-    from greentext_dist.store import local_files
-
     for f in local_files(source):
         if data_suffix(f) == ".parquet":
             continue

@@ -563,32 +563,46 @@ def to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return t[:, :-1], t[:, 1:]
 
 
+def step_passes(step_rows: int, micro: int, world: int) -> list[int]:
+    """Rows of the global stream each pass of an optimizer step reads: micro x world, and fewer in the last pass
+    when `step_rows` (the global batch) is not a multiple of that."""
+    per = micro * world
+    return [per] * (step_rows // per) + ([step_rows % per] if step_rows % per else [])
+
+
 class TrainLoader:
-    """Micro-batches for one rank. Each call takes micro x world rows of the global stream and reads only this rank's
-    share, by index, so the state after a call is the same on every rank. With `prefetch`, batches are built ahead in
-    a background thread; the order and the saved state are exactly the same."""
+    """Micro-batches for one rank. Each call reads one pass of the global stream (micro x world rows, see step_passes)
+    and takes this rank's share, by index, so the state after a call is the same on every rank. A pass that holds
+    fewer rows fills a rank's micro-batch with rows of no targets, so every rank runs the same shapes. With
+    `prefetch`, batches are built ahead in a background thread; the order and the saved state are exactly the same.
+    `step_rows`: the global batch (the loader starts at a step's first pass); None: every pass is full."""
 
     def __init__(self, data: TrainData, state: DataState, micro: int, rank: int, world: int, device,
-                 prefetch: int = 0, isolated: bool = False):
+                 prefetch: int = 0, isolated: bool = False, step_rows: int | None = None):
         self.data, self.micro, self.rank, self.world, self.device = data, micro, rank, world, torch.device(device)
         self.eos, self.isolated = int(data.stores[0].meta["eos"]), isolated
+        self.passes = step_passes(step_rows, micro, world) if step_rows else [micro * world]
         self.state = state
         # Gathered and pinned ahead in a thread, while the accelerator computes.
         self._batches = background(self._produce(state), prefetch) if prefetch else self._produce(state)
 
     def _produce(self, state: DataState):
         pin = self.device.type == "cuda"
+        padding = np.full(self.data.T + 1, self.eos, dtype=np.int64)
         while True:
-            mine = []
-            for _ in range(self.micro):
-                at = self.data.advance(state, self.rank) if self.rank else state
-                mine.append(self.data.row(at.epoch, at.row))
-                state = self.data.advance(state, self.world)
-            x, y = to_batch(mine)
-            pos = doc_positions(x, self.eos) if self.isolated else None
-            if pin:
-                x, y, pos = x.pin_memory(), y.pin_memory(), pos.pin_memory() if pos is not None else None
-            yield x, y, pos, state
+            for rows in self.passes:
+                # This rank's rows of the pass: r, r + world, ... (a prefix of the micro-batch; the rest is padding).
+                mine = [self.rank + j * self.world for j in range(self.micro) if self.rank + j * self.world < rows]
+                at = [self.data.advance(state, k) if k else state for k in mine]
+                x, y = to_batch([self.data.row(a.epoch, a.row) for a in at] + [padding] * (self.micro - len(mine)))
+                if len(mine) < self.micro:
+                    y = y.clone()  # y is a view of x's rows (shifted by one token)
+                    y[len(mine):] = IGNORE_INDEX
+                state = self.data.advance(state, rows)
+                pos = doc_positions(x, self.eos) if self.isolated else None
+                if pin:
+                    x, y, pos = x.pin_memory(), y.pin_memory(), pos.pin_memory() if pos is not None else None
+                yield x, y, pos, state
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, DataState]:
         x, y, pos, self.state = next(self._batches)

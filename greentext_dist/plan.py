@@ -129,17 +129,18 @@ def plan_engine(model: str, engine: str, gpus: int, gpu_memory_gib: float, *, se
         best = largest_micro(s, engine, gpus, budget, seq_len, gc, compiled=compiled)
         row["max_micro_gc" if gc else "max_micro"] = best
     gc = row["max_micro"] == 0 or (micro is not None and micro > row["max_micro"])
-    b = micro or max(1, _divisor_at_most(global_batch // gpus if global_batch % gpus == 0 else 1, row["max_micro_gc" if gc else "max_micro"]))
+    b = micro or pick_micro(global_batch, gpus, row["max_micro_gc" if gc else "max_micro"])
     mem = peak_bytes(s, engine, gpus, b, seq_len, gc, compiled=compiled)
     held, grads = model_states(s, engine, gpus)
     n_no_pos = s.n_params - POSITIONS * s.n_embd
     flops = flops_per_token(n_no_pos, s.n_layer, s.n_embd, seq_len)
     slow = engine == "zero3" and gpus == 1
-    step_s = global_batch * seq_len * flops / (gpus * peak_tflops * 1e12 * (min(mfu, ZERO3_ONE_GPU_MFU) if slow else mfu))
     per_pass = b * gpus
+    rows = -(-global_batch // per_pass) * per_pass  # the global batch and any padding of the last pass
+    step_s = rows * seq_len * flops / (gpus * peak_tflops * 1e12 * (min(mfu, ZERO3_ONE_GPU_MFU) if slow else mfu))
     row.update(
         checkpointing=gc, micro=b, fits=mem["peak"] <= budget,
-        grad_accum=global_batch // per_pass if global_batch % per_pass == 0 else None,
+        grad_accum=rows // per_pass, padding=rows - global_batch,
         params_grads_optim_gib=(held + grads) / GIB, activations_gib=mem["activations"] / GIB,
         activations_nogc_gib=activations(s, engine, b, seq_len, False, compiled=compiled) / GIB,
         activations_gc_gib=activations(s, engine, b, seq_len, True, compiled=compiled) / GIB,
@@ -148,9 +149,17 @@ def plan_engine(model: str, engine: str, gpus: int, gpu_memory_gib: float, *, se
     return row
 
 
-def _divisor_at_most(n: int, cap: int) -> int:
-    """Largest divisor of n that is <= cap (so micro x GPUs x accumulation hits the global batch exactly)."""
-    return max((d for d in range(1, min(n, cap) + 1) if n % d == 0), default=0)
+def pick_micro(global_batch: int, gpus: int, cap: int) -> int:
+    """The micro-batch a plan suggests: the largest that fits (`cap`) and makes micro x GPUs x accumulation the global
+    batch exactly, unless that is under half of what fits (512 on 3 GPUs has none); then the largest whose padding of
+    the step's last pass is at most 5% of the step."""
+    if cap < 1:
+        return 1
+    exact = max((m for m in range(1, cap + 1) if global_batch % (m * gpus) == 0), default=0)
+    if 2 * exact >= cap:
+        return exact
+    rows = lambda m: -(-global_batch // (m * gpus)) * m * gpus  # noqa: E731
+    return max((m for m in range(1, cap + 1) if rows(m) - global_batch <= 0.05 * rows(m)), default=exact or 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                         micro=a.micro_batch_size, mfu=a.mfu, peak_tflops=a.peak_tflops, compiled=a.compile)
         table.add_row(
             engine, f"{r['params_grads_optim_gib']:.1f}", f"{r['activations_nogc_gib']:.1f}/{r['activations_gc_gib']:.1f}",
-            "on" if r["checkpointing"] else "off", str(r["micro"]), str(r["grad_accum"] or "-"), f"{r['peak_gib']:.1f}",
+            "on" if r["checkpointing"] else "off", str(r["micro"]), f"{r['grad_accum']}" + (f" (+{r['padding']} pad)" if r["padding"] else ""),
+            f"{r['peak_gib']:.1f}",
             ("[yellow]yes, slow[/]" if r["slow_on_one_gpu"] else "[green]yes[/]") if r["fits"] else "[red]no[/]", f"{r['step_s']:.1f}",
         )
     console.print(table)

@@ -57,11 +57,12 @@ log = logging.getLogger("greentext_dist")
 
 @dataclass(frozen=True)
 class Plan:
-    grad_accum: int
+    grad_accum: int  # micro-batches per rank and step
     tokens_per_step: int
     steps_per_epoch: float
     max_steps: int
     epochs: float
+    padding: int = 0  # rows of padding a step (none when the global batch is a multiple of micro x ranks)
 
 
 @dataclass(frozen=True)
@@ -114,11 +115,12 @@ DEFAULT_STEPS = 300
 def plan_run(cfg: Config, env: DistEnv, corpus: Corpus) -> Plan:
     t = cfg.train
     per_pass = t.micro_batch_size * env.world_size
-    if t.global_batch_size % per_pass:
-        raise UserError(
-            f"--global-batch-size {t.global_batch_size} is not divisible by micro-batch {t.micro_batch_size} x {env.world_size} ranks = {per_pass}",
-            f"use a multiple of {per_pass}, e.g. --global-batch-size {max(per_pass, round(t.global_batch_size / per_pass) * per_pass)}",
-        )
+    if t.global_batch_size < env.world_size:
+        raise UserError(f"--global-batch-size {t.global_batch_size} is smaller than the {env.world_size} ranks: some would train on padding only",
+                        f"use at least {env.world_size}, best a multiple of micro-batch x ranks = {per_pass}")
+    # Any global batch on any number of ranks: the step's last pass may hold fewer rows than micro x ranks, and is
+    # padded with rows that have no targets (same shapes on every rank; the loss counts targets, so no change).
+    grad_accum = -(-t.global_batch_size // per_pass)
     if corpus.rows == 0:
         raise UserError(
             f"the training data ({corpus.tokens} tokens) is shorter than one row of --seq-len {cfg.data.seq_len}",
@@ -139,7 +141,8 @@ def plan_run(cfg: Config, env: DistEnv, corpus: Corpus) -> Plan:
             f"{epochs:g} epoch(s) of {corpus.rows} rows give no full step of --global-batch-size {t.global_batch_size}",
             f"raise --epochs to at least {math.ceil(t.global_batch_size / corpus.rows)}, lower --global-batch-size, or set --max-steps",
         )
-    return Plan(t.global_batch_size // per_pass, t.global_batch_size * cfg.data.seq_len, steps_per_epoch, max_steps, max_steps / steps_per_epoch)
+    return Plan(grad_accum, t.global_batch_size * cfg.data.seq_len, steps_per_epoch, max_steps, max_steps / steps_per_epoch,
+                grad_accum * per_pass - t.global_batch_size)
 
 
 def memory_plan(cfg: Config, env: DistEnv, spec: EngineSpec, config, checkpointing: bool) -> MemoryPlan:
@@ -190,7 +193,8 @@ def print_summary(run: "Run", sources: dict) -> None:
                    + (", torch.compile" if cfg.model.compile else "")),
         ("world", f"{env.world_size} rank(s) on {env.device.type}: {layout['nodes']} node(s) x {'/'.join(map(str, sorted(set(layout['ranks_per_node']))))}"
                   + (f", {layout['gpus'][0]}" if layout["gpus"] else "")),
-        ("batch", f"{t.micro_batch_size} micro x {plan.grad_accum} accumulation x {env.world_size} ranks = {t.global_batch_size} sequences"),
+        ("batch", f"{t.micro_batch_size} micro x {plan.grad_accum} accumulation x {env.world_size} ranks = {t.global_batch_size} sequences"
+                  + (f" + {plan.padding} padding rows in the last pass" if plan.padding else "")),
         ("tokens/step", f"{plan.tokens_per_step:,} ({t.global_batch_size} x {d.seq_len})"),
         ("corpus", f"{corpus.posts:,} posts, {corpus.tokens:,} tokens, {corpus.rows:,} rows of {d.seq_len}"
                    f" ({d.packing} packing keeps {corpus.rows * d.seq_len / max(corpus.tokens, 1):.1%} of tokens as targets)"),
@@ -206,6 +210,11 @@ def print_summary(run: "Run", sources: dict) -> None:
                      + f"; all in {run.out / 'config.toml'}"),
     ]
     console.print(summary_table("greentext_dist", rows))
+    if plan.padding:
+        per_pass = t.micro_batch_size * env.world_size
+        lo, hi = t.global_batch_size // per_pass * per_pass, plan.grad_accum * per_pass
+        log.warning(f"--global-batch-size {t.global_batch_size} is not a multiple of micro-batch x ranks = {per_pass}: each step pads "
+                    f"{plan.padding} rows ({plan.padding / hi:.1%} of its compute). " + (f"{lo} or {hi}" if lo else f"{hi}") + " would waste none.")
     if t.global_batch_size > corpus.rows:
         log.warning(f"one step ({t.global_batch_size} rows) is larger than the whole corpus ({corpus.rows} rows): "
                     f"each step sees every post ~{t.global_batch_size / corpus.rows:.1f} times. Consider a smaller --global-batch-size.")
@@ -484,7 +493,7 @@ def fit(run: Run) -> bool:
     cfg, env, engine, p, t = run.cfg, run.env, run.engine, run.progress, run.cfg.train
     max_steps, checkpoints = run.plan.max_steps, run.checkpointer
     loader = TrainLoader(run.train_data, p.data, t.micro_batch_size, env.rank, env.world_size, env.device,
-                         prefetch=cfg.data.prefetch, isolated=cfg.data.packing == "isolated")
+                         prefetch=cfg.data.prefetch, isolated=cfg.data.packing == "isolated", step_rows=t.global_batch_size)
     loss_fn = torch.compile(token_loss_sum) if cfg.model.compile else token_loss_sum  # fuses the fp32 upcast into the loss
     flops = perf.model_flops_per_token(engine.module, cfg.data.seq_len, recompute=bool(cfg.model.gradient_checkpointing))
     peak = perf.peak_tflops(env.device, t.peak_tflops)

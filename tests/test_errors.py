@@ -23,7 +23,7 @@ def _bad_cases(tmp_path, corpus):
         "missing data file": (["--dataset", str(tmp_path / "nope.jsonl")], "does not exist"),
         "empty data file": (["--dataset", str(empty)], "is empty"),
         "missing text field": (["--dataset", str(fields)], "fields: body, score"),
-        "indivisible batch": (["--global-batch-size", "10", "--micro-batch-size", "4"], "not divisible by micro-batch 4 x 1 ranks"),
+        "validation fraction of 1 or more": (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1), got 1.5"),
         "seq-len beyond positions": (["--seq-len", "2048"], "longer than the model's 1024 positions"),
         "zero lr": (["--lr", "0"], "--lr must be positive"),
         "negative steps": (["--max-steps", "-3"], "--max-steps must be positive"),
@@ -59,10 +59,10 @@ def test_bad_input_cases(tmp_path, corpus, capfd, monkeypatch):
 
 @pytest.mark.slow
 def test_real_cli_error_has_no_traceback(tmp_path, corpus):
-    p = launch(tiny_args(corpus, tmp_path / "o", "--global-batch-size", "6", "--micro-batch-size", "4"), launcher="python")
+    p = launch(tiny_args(corpus, tmp_path / "o", "--seq-len", "2048"), launcher="python")
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
-    assert "error: --global-batch-size 6 is not divisible" in p.stderr and "Fix: use a multiple of 4" in p.stderr
+    assert "error: --seq-len 2048 is longer than the model's 1024 positions" in p.stderr and "Fix: use --seq-len 1024 or less" in p.stderr
 
 
 def _more_cases(tmp_path, corpus, ckpt_tiny):

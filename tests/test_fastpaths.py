@@ -143,7 +143,11 @@ def test_planner_turns_on_checkpointing_and_finds_the_micro_batch():
     assert not planner.plan_engine("xl", "ddp", 1, 40)["checkpointing"]  # one does at 40 GiB: no recompute
     roomy = planner.plan_engine("small", "ddp", 8, 80)
     assert not roomy["checkpointing"] and roomy["fits"] and 512 % (roomy["micro"] * 8) == 0
-    assert roomy["grad_accum"] * roomy["micro"] * 8 == 512
+    assert roomy["grad_accum"] * roomy["micro"] * 8 == 512 and roomy["padding"] == 0
+    three = planner.plan_engine("small", "ddp", 3, 80)  # 512 is no multiple of 3: a large micro-batch, a little padding
+    assert three["micro"] >= three["max_micro"] // 2 and three["grad_accum"] * three["micro"] * 3 == 512 + three["padding"]
+    assert 0 < three["padding"] <= 0.05 * (512 + three["padding"])
+    assert planner.pick_micro(512, 8, 12) == 8 and planner.pick_micro(512, 3, 8) == 8  # exact when it is large enough
     assert not planner.plan_engine("xl", "ddp", 1, 24)["fits"]
 
 

@@ -113,6 +113,40 @@ def test_ranks_split_the_global_stream(mixed):
     assert per_rank[1][0] == [global_rows[i][:-1] for i in (1, 3, 5, 7, 9, 11)]
 
 
+@pytest.mark.parametrize("world,micro,step_rows", [(3, 2, 8), (3, 4, 5), (2, 4, 3), (4, 1, 6)])
+def test_any_global_batch_on_any_number_of_ranks(mixed, world, micro, step_rows):
+    """A global batch that is not a multiple of micro x ranks (512 on 3 GPUs): each step still reads exactly its
+    global rows, in order; the last pass gives every rank a full micro-batch, whose missing rows are padding with no
+    targets; and the data position after a step is the same as for one rank."""
+    from greentext_dist.data import IGNORE_INDEX, step_passes
+
+    path, _ = mixed
+    train, _ = make_data(path, 8)
+    steps = 3
+    global_rows = [r.tolist() for r, _ in itertools.islice(train.rows(DataState()), steps * step_rows)]
+    passes = step_passes(step_rows, micro, world)
+    assert sum(passes) == step_rows and len(passes) == -(-step_rows // (micro * world))
+    loaders = [TrainLoader(train, DataState(), micro, rank, world, "cpu", prefetch=rank % 2, step_rows=step_rows) for rank in range(world)]
+    one = TrainLoader(train, DataState(), step_rows, 0, 1, "cpu", step_rows=step_rows)
+    for step in range(steps):
+        seen, ends = {}, set()
+        for rank, loader in enumerate(loaders):
+            for p, rows in enumerate(passes):
+                x, y, _, state = loader.next_batch()
+                assert x.shape == y.shape == (micro, 8)  # the same shapes on every rank and pass
+                for j in range(micro):
+                    k = rank + j * world
+                    if k < rows:  # rank r reads the pass's rows r, r + W, ...
+                        seen[sum(passes[:p]) + k] = x[j].tolist()
+                        assert y[j].tolist() == global_rows[step * step_rows + sum(passes[:p]) + k][1:]
+                    else:
+                        assert (y[j] == IGNORE_INDEX).all()  # padding: no targets, so no loss and no gradient
+            ends.add((state.epoch, state.row, state.rows))
+        assert [seen[i] for i in range(step_rows)] == [r[:-1] for r in global_rows[step * step_rows:(step + 1) * step_rows]]
+        s1 = one.next_batch()[3]
+        assert ends == {(s1.epoch, s1.row, s1.rows)} and s1.rows == (step + 1) * step_rows
+
+
 def test_val_split_is_stable_and_disjoint(tmp_path):
     from conftest import write_posts
 

@@ -30,10 +30,13 @@ def load_ds_config(cfg: Config, grad_accum: int, world_size: int, hidden: int) -
     except json.JSONDecodeError as e:
         raise UserError(f"DeepSpeed config {path} is not valid JSON (line {e.lineno}: {e.msg})", "fix the JSON syntax") from None
     t = cfg.train
+    rows = t.micro_batch_size * grad_accum * world_size  # what DeepSpeed checks: the global batch plus any padding rows
+    if ds.get("train_batch_size") == t.global_batch_size:
+        ds["train_batch_size"] = rows
     ours = {
-        ("train_batch_size",): (t.global_batch_size, "--global-batch-size"),
+        ("train_batch_size",): (rows, "--global-batch-size"),
         ("train_micro_batch_size_per_gpu",): (t.micro_batch_size, "--micro-batch-size"),
-        ("gradient_accumulation_steps",): (grad_accum, "--global-batch-size / (--micro-batch-size x ranks)"),
+        ("gradient_accumulation_steps",): (grad_accum, "--global-batch-size / (--micro-batch-size x ranks), rounded up"),
         ("gradient_clipping",): (cfg.optim.grad_clip, "--grad-clip"),
         ("bf16", "enabled"): (t.precision == "bf16", "--precision"),
         ("zero_optimization", "stage"): (int(t.backend[-1]), "--backend"),

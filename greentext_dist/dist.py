@@ -60,6 +60,14 @@ def mps_available() -> bool:
     return bool(mps and mps.is_available())
 
 
+_ours: dict[str, str] = {}  # environment variables init_distributed set, taken back by shutdown()
+
+
+def _set_env(key: str, value: str) -> None:
+    if key not in os.environ:
+        os.environ[key] = _ours[key] = value
+
+
 def init_distributed(timeout_s: int = 1800, single_rank_group: bool = False) -> DistEnv:
     """single_rank_group: start a one-rank group under plain `python` (DeepSpeed needs a process group)."""
     check_launch_environment()
@@ -73,13 +81,10 @@ def init_distributed(timeout_s: int = 1800, single_rank_group: bool = False) -> 
         device = torch.device("mps")  # Apple GPUs: one process with the plain engine (DeepSpeed and FSDP need CUDA or CPU)
     else:
         device = torch.device("cpu")
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for GPUs and warn on every import
+        _set_env("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for GPUs and warn on every import
     if world_size == 1 and single_rank_group and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        for k in ("RANK", "LOCAL_RANK"):
-            os.environ.setdefault(k, "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
+        for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", None), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            _set_env(k, v or str(_free_port()))
     if (world_size > 1 or single_rank_group) and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
@@ -131,8 +136,14 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process as it was: no process group, and none of the variables a one-rank group set (a process
+    started later from this one, or a second `train(...)` call, would otherwise take its MASTER_PORT)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    while _ours:
+        key, value = _ours.popitem()
+        if os.environ.get(key) == value:
+            del os.environ[key]
 
 
 def on_main(fn, *args, **kwargs):

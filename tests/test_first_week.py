@@ -1,6 +1,8 @@
 """What a new user meets in the first week: --help with defaults, time-based checkpoints, a refused resume
 under other settings, the saved config read back, and YAML config files."""
 
+import os
+
 import pytest
 
 from conftest import run_inprocess, tiny_args, train_losses
@@ -234,6 +236,12 @@ def test_python_api_runs_twice_in_one_process(corpus, tmp_path):
     with pytest.raises(UserError, match="--lr must be positive"):
         train(output_dir=str(tmp_path / "c"), lr=-1.0, **settings)
     assert not (tmp_path / "a" / ".lock").exists()
+    # FSDP needs a process group even on one rank: its address is taken back, so a later call (or a process
+    # started from this one, which inherits the environment) does not find MASTER_PORT set to a port in use.
+    before = dict(os.environ)
+    for out in ("d", "e"):
+        train(output_dir=str(tmp_path / out), backend="fsdp", **settings)
+        assert dict(os.environ) == before
 
 
 def test_final_is_group_readable_and_tokenizer_knows_its_length(corpus, tmp_path):

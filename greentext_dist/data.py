@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from datasets import IterableDataset
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
-COMPRESSED = (".gz", ".bz2", ".xz")  # posts.jsonl.gz: `datasets` decompresses while it streams
+# posts.jsonl.gz: `datasets` decompresses while it streams. Suffix -> (Python module, shell tool that prints it).
+COMPRESSED = {".gz": ("gzip", "zcat"), ".bz2": ("bz2", "bzcat"), ".xz": ("lzma", "xzcat")}
 # Hub repos that hold the same posts in several formats: pick one.
 KNOWN_DATA_FILES = {"DarwinAnim8or/greentext": "greentexts.jsonl"}
 IGNORE_INDEX = -100
@@ -45,11 +46,9 @@ def data_suffix(path: Path) -> str:
 
 def open_bytes(path: Path):
     """A data file's bytes, decompressed."""
-    import bz2
-    import gzip
-    import lzma
+    import importlib
 
-    return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)(path, "rb")
+    return importlib.import_module(COMPRESSED[path.suffix][0]).open(path, "rb") if path.suffix in COMPRESSED else open(path, "rb")
 
 
 def open_dataset(name: str, revision: str | None = None) -> IterableDataset:
@@ -293,8 +292,7 @@ def readable(source: str):
             f, n, raw = undecodable
             path = Path(f)
             plain = path.with_suffix("") if path.suffix in COMPRESSED else path
-            cat = {".gz": "zcat", ".bz2": "bzcat", ".xz": "xzcat"}.get(path.suffix)
-            convert = f"{cat} {f} | iconv -f cp1252 -t utf-8" if cat else f"iconv -f cp1252 -t utf-8 {f}"
+            convert = f"{COMPRESSED[path.suffix][1]} {f} | iconv -f cp1252 -t utf-8" if path.suffix in COMPRESSED else f"iconv -f cp1252 -t utf-8 {f}"
             raise UserError(f"{f} line {n} is not UTF-8 text (bytes {raw.hex(' ')})",
                             f"convert it to UTF-8 and read the copy, e.g. {convert} > {plain.with_stem(plain.stem + '-utf8')} "
                             "(cp1252: the usual Windows encoding)") from None

@@ -14,9 +14,10 @@ from greentext_dist import checkpoint as ckpt
 RUN = ["--global-batch-size", "4", "--micro-batch-size", "2", "--max-steps", "6", "--eval-every", "3", "--lr", "1e-3"]
 
 
-@pytest.mark.parametrize("dropout", ["0", "0.1"])
 @pytest.mark.slow
-def test_resume_matches_uninterrupted(corpus, tmp_path, dropout):
+def test_resume_matches_uninterrupted(corpus, tmp_path):
+    """With dropout on, so the random state must come back too (dropout 0 is the weaker case)."""
+    dropout = "0.1"
     full, split = tmp_path / "full", tmp_path / "split"
     assert run_inprocess(tiny_args(corpus, full, *RUN, "--dropout", dropout)) == 0
     # The first half runs as `python -m` in its own process, the second resumes it.

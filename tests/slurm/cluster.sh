@@ -67,6 +67,9 @@ grep -q " n1 n2$" /etc/hosts 2>/dev/null || echo "127.0.0.1 n1 n2" >> /etc/hosts
   echo "ReturnToService=2"
   echo "KillWait=10"
   echo "MinJobAge=3600"
+  # Schedule every second: with the defaults (60 s main loop, 30 s backfill) a job waits ~3 s to start and a requeued
+  # one ~22 s (SLURM's own ~11 s hold after a requeue stays).
+  echo "SchedulerParameters=bf_interval=1,sched_interval=1"
   echo "JobAcctGatherType=jobacct_gather/none"
   echo "AccountingStorageType=accounting_storage/none"
   echo "JobCompType=jobcomp/none"

@@ -84,13 +84,16 @@ def test_auto_backend_under_deepspeed_launcher_bf16_checkpointing(reference, tmp
 @pytest.mark.slow
 def test_zero3_under_deepspeed_matches_reference_resumes_and_exports(reference, tmp_path, capfd):
     """`deepspeed train.py --backend zero3` on 2 ranks with accumulation equals the single-process reference; a run
-    halted and resumed (under torchrun) equals it exactly; the export is stock GPT-2; a resume on 1 rank is refused."""
+    halted and resumed (under torchrun) equals it exactly; the export is stock GPT-2; a resume on 1 rank is refused.
+    The run leaves nothing in /dev/shm."""
     data, ref, ref_val = reference
     run = [*COMMON, "--backend", "zero3", "--ds-config", str(zero3_config(tmp_path))]
     full, split = tmp_path / "full", tmp_path / "split"
+    shm = set(os.listdir("/dev/shm"))
     p = deepspeed_launch(tiny_args(data, full, *run))
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-3000:]
+    assert set(os.listdir("/dev/shm")) <= shm, "DeepSpeed's CPU all-reduce buffers (66 MB of RAM a rank) outlived the run"
     assert "deepspeed zero3" in log and "2 rank(s)" in log and "2 micro x 2 accumulation x 2 ranks = 8 sequences" in log
     a = train_losses(full)
     assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, ref)) <= 1e-4

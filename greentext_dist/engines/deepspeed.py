@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -63,17 +64,35 @@ def load_ds_config(cfg: Config, grad_accum: int, world_size: int, hidden: int) -
     return ds
 
 
-def prepare_deepspeed(ds_config: dict) -> None:
+def prepare_deepspeed(ds_config: dict, device: torch.device) -> None:
     """Before the model is built: hand our process group to deepspeed.comm and, for ZeRO-3, register the
     config so transformers builds/loads the model already partitioned (never whole on any rank)."""
     import deepspeed
 
     global _hf_ds_config
     deepspeed.init_distributed()  # wraps the existing torch.distributed group
+    if device.type == "cpu":
+        release_shm_names()
     if ds_config["zero_optimization"]["stage"] == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         _hf_ds_config = HfDeepSpeedConfig(ds_config)
+
+
+def shm_name(rank: int) -> Path:
+    """Where DeepSpeed's CPU all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) keeps one rank's buffer."""
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
+
+
+def release_shm_names() -> None:
+    """On CPU under the `deepspeed` launcher (every rank on one machine), DeepSpeed maps a 66 MB /dev/shm file per
+    rank and never unlinks it: each run would keep that much RAM until a reboot. Once every rank has mapped every
+    other's (init_distributed returns after that: the barrier waits for all), the names can go; the mappings stay."""
+    import torch.distributed as dist
+
+    if "LOCAL_SIZE" in os.environ and dist.is_initialized():
+        dist.barrier()
+        shm_name(dist.get_rank()).unlink(missing_ok=True)
 
 
 def build_ds_optimizer(model, cfg, ds_config: dict, device):
@@ -181,7 +200,7 @@ def apply_deepspeed(model, optimizer, env: DistEnv, ds_config: dict) -> DeepSpee
 def build(cfg, env: DistEnv, grad_accum: int, weights: str | None, config) -> DeepSpeedEngine:
     """ZeRO-3 builds (or loads) the model already partitioned, with random init drawn one gathered module at a time."""
     ds_config = load_ds_config(cfg, grad_accum, env.world_size, config.n_embd)
-    prepare_deepspeed(ds_config)
+    prepare_deepspeed(ds_config, env.device)
     gather = None
     if ds_config["zero_optimization"]["stage"] == 3:
         import deepspeed

@@ -57,14 +57,18 @@ def test_zero2_with_a_padded_pass_matches_reference_fp32(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_bf16_accumulation_checkpointing(reference, tmp_path):
+def test_zero3_bf16_accumulation_checkpointing_and_sampling(reference, tmp_path):
+    """bf16 + accumulation + checkpointing stay close to the fp32 reference; samples during training (every rank
+    takes part: ZeRO-3 gathers the weights for generation) leave the run going."""
     data, ref, _ = reference
     args = tiny_args(data, tmp_path / "b", *COMMON, "--backend", "zero3", "--precision", "bf16", "--gradient-checkpointing",
-                     "--ds-config", str(zero3_config(tmp_path)))
+                     "--ds-config", str(zero3_config(tmp_path)), "--sample-every", "2")
     p = launch(args, nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]
     losses = train_losses(tmp_path / "b")
     assert losses[-1] < losses[0] and max(abs(a - b) for a, b in zip(losses, ref)) <= 2e-2
+    rows = [json.loads(line) for line in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 2, 2, 4, 4, 4]
 
 
 @pytest.mark.slow

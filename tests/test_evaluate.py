@@ -335,14 +335,3 @@ def test_report_without_matplotlib_says_so(corpus, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     text = write_report(tmp_path / "r", [("model", "tiny")]).read_text()
     assert "matplotlib is not installed" in text and not (tmp_path / "r" / "loss.png").exists()
-
-
-@pytest.mark.slow
-def test_sampling_under_zero3_on_two_ranks(corpus, tmp_path):
-    from conftest import launch, tiny_args
-
-    p = launch(tiny_args(corpus, tmp_path / "z3", "--backend", "zero3", "--max-steps", "2", "--global-batch-size", "4",
-                         "--micro-batch-size", "2", "--sample-every", "1"), nproc=2)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = [json.loads(l) for l in (tmp_path / "z3" / "samples.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 1, 1, 2, 2, 2]

@@ -39,7 +39,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("DarwinAnim8or/greentext", "hub id, local file (.jsonl .json .txt .parquet .csv) or directory")
+    dataset: str = _f("DarwinAnim8or/greentext", "hub id, local file (.jsonl .json .txt .parquet .csv .arrow) or folder (also one written by datasets' save_to_disk)")
     text_field: str | None = _f(None, "column holding the post (default: text, or prompt+completion)")
     val_dataset: str | None = _f(None, "separate validation set (default: hold out --val-fraction of posts)")
     val_fraction: float = _f(0.05, "share of posts held out for validation, chosen by a hash of the post")

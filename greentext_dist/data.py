@@ -28,7 +28,8 @@ from greentext_dist.store import background, local_files
 if TYPE_CHECKING:
     from datasets import IterableDataset
 
-BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+BINARY = (".parquet", ".arrow")  # read in place: never compressed around, never lines of text
 # posts.jsonl.gz: `datasets` decompresses while it streams. Suffix -> (Python module, shell tool that prints it).
 COMPRESSED = {".gz": ("gzip", "zcat"), ".bz2": ("bz2", "bzcat"), ".xz": ("lzma", "xzcat")}
 # Hub repos that hold the same posts in several formats: pick one.
@@ -72,9 +73,12 @@ def open_dataset(name: str, revision: str | None = None) -> IterableDataset:
             example = path / by_kind[min(by_kind, key=lambda k: len(by_kind[k]))][0]
             raise UserError(f"dataset folder {name} mixes file types ({listed})",
                             f"point --dataset at one file, e.g. --dataset {example}, or keep one type per folder")
-        if packed := [p for p in files if data_suffix(p) == ".parquet" and p.suffix in COMPRESSED]:
-            raise UserError(f"dataset file {packed[0]} is a compressed parquet file, which cannot be read as a stream",
-                            "decompress it: parquet compresses its own columns already")
+        if packed := [p for p in files if data_suffix(p) in BINARY and p.suffix in COMPRESSED]:
+            raise UserError(f"dataset file {packed[0]} is a compressed {data_suffix(packed[0])[1:]} file, which cannot be read as a stream",
+                            f"decompress it ({COMPRESSED[packed[0].suffix][1]} {packed[0]} > {packed[0].with_suffix('')}): "
+                            "the format compresses its own columns already")
+        if missing := [p for p in files if not p.is_file()]:
+            raise UserError(f"dataset {name} lists {missing[0].name}, which is not there", "save the dataset again (save_to_disk)")
         empty = [str(p) for p in files if p.stat().st_size == 0]
         if empty:
             raise UserError(f"dataset file {empty[0]} is empty", "point --dataset at a file with posts")
@@ -264,9 +268,9 @@ def first_bad_json_line(source: str) -> tuple[str, int, str] | None:
 
 
 def first_undecodable(source: str) -> tuple[str, int, bytes] | None:
-    """(file, line number, bytes) of the first text in a local source that is not UTF-8 (parquet is binary: skipped)."""
+    """(file, line number, bytes) of the first text in a local source that is not UTF-8 (parquet and arrow are binary: skipped)."""
     for f in local_files(source):
-        if data_suffix(f) == ".parquet":
+        if data_suffix(f) in BINARY:
             continue
         with open_bytes(f) as fh:
             for n, line in enumerate(fh, 1):  # a UTF-8 sequence never holds the byte of "\n"

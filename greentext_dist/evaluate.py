@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--packing", choices=["concat", "isolated"], default="concat")
     g.add_argument("--cache-dir", default=None, help="token stores (as in training; default: $GREENTEXT_CACHE or ~/.cache/greentext_dist/tokens)")
     g = p.add_argument_group("hellaswag")
-    g.add_argument("--data", default="Rowan/hellaswag", help="hub id (validation split) or local jsonl with ctx/endings/label")
+    g.add_argument("--data", default="Rowan/hellaswag", help="hub id (validation split), local jsonl with ctx/endings/label, or a save_to_disk folder")
     g.add_argument("--limit", type=int, default=None, help="score only the first N items")
     g = p.add_argument_group("robustness")
     g.add_argument("--num-samples", type=int, default=4, help="samples per prompt")

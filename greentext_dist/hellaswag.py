@@ -49,8 +49,17 @@ def training_text(doc: dict) -> str:
 def load_items(data: str, split: str = "validation", limit: int | None = None) -> list[dict]:
     from datasets import load_dataset
 
-    if is_local(data):
-        path = Path(data)
+    path = Path(data)
+    if is_local(data) and path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        from datasets import DatasetDict, load_from_disk
+
+        ds = load_from_disk(str(path))  # written by save_to_disk, e.g. load_dataset("Rowan/hellaswag") on a machine online
+        if isinstance(ds, DatasetDict):
+            if split not in ds:
+                raise UserError(f"HellaSwag {data} has no '{split}' split (splits: {', '.join(ds)})",
+                                "save HellaSwag's validation split there (labels: the test split has none)")
+            ds = ds[split]
+    elif is_local(data):
         files = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.json")) if path.is_dir() else [path]
         if not files:
             raise UserError(f"HellaSwag folder {data} holds no .jsonl files", "point --data at hellaswag_val.jsonl")

@@ -23,7 +23,8 @@ log = logging.getLogger("greentext_dist")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="greentext_dist.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d, m = DataConfig(), ModelConfig()
-    p.add_argument("--dataset", default=d.dataset, help=f"hub id, local file (.jsonl .json .txt .parquet .csv) or folder (default: {d.dataset})")
+    p.add_argument("--dataset", default=d.dataset,
+                   help=f"hub id, local file (.jsonl .json .txt .parquet .csv .arrow) or folder, also a save_to_disk one (default: {d.dataset})")
     p.add_argument("--text-field", default=None, help="column holding the post (default: text, or prompt+completion)")
     p.add_argument("--val-dataset", default=None, help="a separate validation set to prepare as well")
     p.add_argument("--mix", action="append", default=[], metavar="NAME_OR_PATH=WEIGHT", help="a --mix source to prepare as well (repeatable)")

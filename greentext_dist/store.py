@@ -57,14 +57,32 @@ def default_cache_dir() -> Path:
 # ---------------------------------------------------------------- keys
 
 
+def saved_dataset_files(path: Path) -> list[Path] | None:
+    """The .arrow files of a folder written by `datasets`' save_to_disk (a DatasetDict's 'train' split), in row order;
+    None for any other folder."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise UserError(f"{path} is a saved DatasetDict without a 'train' split (splits: {', '.join(splits) or 'none'})",
+                            f"point at the split to read, e.g. {path / splits[0]}" if splits else "save the posts again")
+        path = path / "train"
+    if not ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()):
+        return None
+    state = json.loads((path / "state.json").read_text())
+    return [path / f["filename"] for f in state.get("_data_files", [])]
+
+
 def local_files(name: str) -> list[Path]:
-    """The data files of a local source: the file, or a folder's data files, skipping hidden ones (an editor's
-    .ipynb_checkpoints/ copy, `hf download`'s .cache/) and __pycache__-like ones, as `datasets` does."""
+    """The data files of a local source: the file, a save_to_disk folder's .arrow files, or a folder's data files,
+    skipping hidden ones (an editor's .ipynb_checkpoints/ copy, `hf download`'s .cache/) and __pycache__-like ones,
+    as `datasets` does."""
     from greentext_dist.data import BUILDERS, data_suffix
 
     path = Path(os.path.expanduser(name))
     if not path.is_dir():
         return [path]
+    if (saved := saved_dataset_files(path)) is not None:
+        return saved
     hidden = lambda p: any(part.startswith((".", "__")) for part in p.relative_to(path).parts)  # noqa: E731
     return sorted(p for p in path.rglob("*") if data_suffix(p) in BUILDERS and p.is_file() and not hidden(p))
 
@@ -461,7 +479,7 @@ def background(items: Iterator, depth: int) -> Iterator:
 
 
 def estimate_posts(source: str) -> int | None:
-    """Roughly how many records a source holds, for the ETA: lines of local .jsonl/.csv, rows of .parquet."""
+    """Roughly how many records a source holds, for the ETA: lines of local .jsonl/.csv, rows of .parquet/.arrow."""
     from greentext_dist.data import data_suffix, open_bytes
     from greentext_dist.hub import is_local
 
@@ -476,6 +494,11 @@ def estimate_posts(source: str) -> int | None:
             import pyarrow.parquet as pq
 
             total += pq.ParquetFile(f).metadata.num_rows
+        elif f.suffix == ".arrow":
+            import pyarrow as pa
+
+            with pa.memory_map(str(f)) as mm:
+                total += sum(batch.num_rows for batch in pa.ipc.open_stream(mm))
         else:
             return None
     return total or None

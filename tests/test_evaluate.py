@@ -229,6 +229,26 @@ def test_hellaswag_files_that_cannot_be_read_are_one_line(tmp_path):
         hs.load_items(str(fields))
 
 
+def test_hellaswag_saved_to_disk_reads_as_the_jsonl(tmp_path):
+    """HellaSwag saved with `datasets` (load_dataset("Rowan/hellaswag").save_to_disk(DIR) where the hub is reachable)
+    gives the same items as its jsonl; the whole DatasetDict gives its validation split."""
+    from datasets import Dataset, DatasetDict
+
+    from greentext_dist.errors import UserError
+
+    docs = make_items(8)
+    (tmp_path / "hs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    columns = {k: [d.get(k) for d in docs] for k in ("activity_label", "ctx", "ctx_a", "ctx_b", "endings")}
+    val = Dataset.from_dict({**columns, "label": [str(d["label"]) for d in docs]})  # the hub's schema: labels are strings
+    val.save_to_disk(tmp_path / "val")
+    DatasetDict({"train": val.select(range(2)), "validation": val}).save_to_disk(tmp_path / "all")
+    expected = hs.load_items(str(tmp_path / "hs.jsonl"))
+    assert hs.load_items(str(tmp_path / "val")) == expected and hs.load_items(str(tmp_path / "all")) == expected
+    DatasetDict({"test": val}).save_to_disk(tmp_path / "test-only")
+    with pytest.raises(UserError, match=r"test-only has no 'validation' split \(splits: test\)"):
+        hs.load_items(str(tmp_path / "test-only"))
+
+
 def test_hellaswag_empty_ending_does_not_divide_by_zero():
     items = [{"context": "x", "endings": ["", "a", "bb", "ccc"], "label": 0}]
     (r,) = hs.score(items, [-1.0, -5.0, -5.0, -5.0])

@@ -101,6 +101,50 @@ def test_compressed_files(tmp_path):
         list(source_posts(str(tmp_path / "p.parquet.gz"), None))
 
 
+def test_datasets_saved_to_disk_and_arrow_files(tmp_path):
+    """A folder written by `datasets`' save_to_disk (a Dataset, or a DatasetDict's train split) reads as its posts in
+    order, as do its .arrow files alone; saving other posts there makes a new store; a DatasetDict without a train
+    split and a damaged folder are one line each."""
+    import shutil
+
+    from datasets import Dataset, DatasetDict
+
+    from greentext_dist.data import cache_dir, prepare_source, source_posts
+    from greentext_dist.store import estimate_posts
+    from greentext_dist.tokenizer import bundled_gpt2
+
+    posts = [f">be me {i}\n>save to disk" for i in range(30)]
+    saved = tmp_path / "saved"
+    Dataset.from_dict({"id": list(range(30)), "text": posts}).save_to_disk(saved, num_shards=3)  # row order across shards
+    DatasetDict({"train": Dataset.from_dict({"text": posts}), "test": Dataset.from_dict({"text": [">held out"]})}).save_to_disk(tmp_path / "dict")
+    for name in ("saved", "dict"):
+        assert list(source_posts(str(tmp_path / name), None)) == posts, name
+        assert estimate_posts(str(tmp_path / name)) == 30
+    arrows = tmp_path / "arrows"
+    arrows.mkdir()
+    for f in saved.glob("*.arrow"):
+        shutil.copy(f, arrows)
+    assert list(source_posts(str(arrows), None)) == posts
+    assert list(source_posts(str(arrows / "data-00001-of-00003.arrow"), None)) == posts[10:20]
+
+    tok, cache = bundled_gpt2(), cache_dir(str(tmp_path / "cache"))
+    (tmp_path / "posts.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in posts))
+    first, plain = (prepare_source(str(tmp_path / n), None, tok, cache, progress=False) for n in ("saved", "posts.jsonl"))
+    assert first.tokens.tobytes() == plain.tokens.tobytes()
+    Dataset.from_dict({"text": posts[::-1]}).save_to_disk(tmp_path / "resaved")
+    shutil.rmtree(saved)
+    (tmp_path / "resaved").rename(saved)
+    again = prepare_source(str(saved), None, tok, cache, progress=False)
+    assert again.path != first.path and again.tokens.tobytes() != first.tokens.tobytes()
+
+    DatasetDict({"validation": Dataset.from_dict({"text": posts})}).save_to_disk(tmp_path / "no-train")
+    with pytest.raises(UserError, match=r"no-train is a saved DatasetDict without a 'train' split \(splits: validation\).*no-train/validation"):
+        list(source_posts(str(tmp_path / "no-train"), None))
+    next(saved.glob("*.arrow")).unlink()
+    with pytest.raises(UserError, match=r"saved lists data-00000-of-00001.arrow, which is not there"):
+        list(source_posts(str(saved), None))
+
+
 def test_byte_order_marks_and_other_encodings(tmp_path):
     """A byte-order mark (Windows editors write one) is not part of the first post; a file in another encoding than
     UTF-8 is one line naming the file, the line and the bytes, not a decoder traceback."""

@@ -616,6 +616,9 @@ def to_argv(settings: dict) -> list[str]:
     argv = []
     for name, value in settings.items():
         flag = "--" + name.replace("_", "-")
+        if not isinstance(value, (str, os.PathLike, int, float, list, tuple, type(None))):
+            fix = "save it with .save_to_disk(DIR) and pass DIR" if type(value).__module__.startswith("datasets") else "pass a str"
+            raise UserError(f"{name}= takes what {flag} takes (a str, number or path), not a {type(value).__name__}", fix)
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, (list, tuple)):

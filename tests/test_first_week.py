@@ -244,6 +244,20 @@ def test_python_api_runs_twice_in_one_process(corpus, tmp_path):
         assert dict(os.environ) == before
 
 
+def test_python_api_points_a_datasets_object_to_save_to_disk(corpus, tmp_path):
+    """A notebook user passes the Dataset they loaded: one line that says how to hand it over, and that way works."""
+    from datasets import load_dataset
+
+    from greentext_dist import train
+
+    ds = load_dataset("json", data_files=str(corpus), split="train")
+    settings = dict(model="tiny", seq_len=32, precision="fp32", global_batch_size=4, micro_batch_size=2, max_steps=2, eval_every=0)
+    with pytest.raises(UserError, match=r"dataset= takes what --dataset takes \(a str, number or path\), not a Dataset.*save_to_disk\(DIR\)"):
+        train(dataset=ds, output_dir=str(tmp_path / "a"), **settings)
+    ds.save_to_disk(tmp_path / "saved")
+    assert train(dataset=tmp_path / "saved", output_dir=str(tmp_path / "b"), **settings).is_dir()
+
+
 def test_final_is_group_readable_and_tokenizer_knows_its_length(corpus, tmp_path):
     import json
     import stat

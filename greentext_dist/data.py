@@ -281,6 +281,19 @@ def first_undecodable(source: str) -> tuple[str, int, bytes] | None:
     return None
 
 
+def file_with_columns(source: str, columns: list[str]) -> str | None:
+    """The first file of a local source whose records have exactly these columns (for an error message)."""
+    from datasets import load_dataset
+
+    for f in local_files(source):
+        try:
+            if set(next(iter(load_dataset(BUILDERS[data_suffix(f)], data_files=[str(f)], split="train", streaming=True)))) == set(columns):
+                return str(f)
+        except Exception:  # noqa: BLE001 - only looking
+            continue
+    return None
+
+
 @contextmanager
 def readable(source: str):
     """Turn a reader's failure on a malformed local file (not UTF-8, or a bad JSON line) into one line naming the file
@@ -289,9 +302,13 @@ def readable(source: str):
         yield
     except UserError:
         raise
-    except Exception:
+    except Exception as e:
         if not is_local(source):
             raise
+        if type(e).__name__ == "CastError":  # datasets.table.CastError: a file whose columns differ from the first's
+            odd = file_with_columns(source, e.table_column_names)
+            raise UserError(f"{odd or 'a file of ' + source} has columns {sorted(e.table_column_names)} where the first file of "
+                            f"{source} has {sorted(e.requested_column_names)}", "keep one kind of record per folder, or point at one file") from None
         if undecodable := first_undecodable(source):
             f, n, raw = undecodable
             path = Path(f)

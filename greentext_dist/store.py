@@ -57,6 +57,10 @@ def default_cache_dir() -> Path:
 # ---------------------------------------------------------------- keys
 
 
+# `datasets`' own files in a folder (a hub repo's legacy dataset_infos.json, save_to_disk's), never posts, as for `datasets`.
+METADATA = {"dataset_infos.json", "dataset_info.json", "state.json", "dataset_dict.json"}
+
+
 def saved_dataset_files(path: Path) -> list[Path] | None:
     """The .arrow files of a folder written by `datasets`' save_to_disk (a DatasetDict's 'train' split), in row order;
     None for any other folder."""
@@ -74,8 +78,8 @@ def saved_dataset_files(path: Path) -> list[Path] | None:
 
 def local_files(name: str) -> list[Path]:
     """The data files of a local source: the file, a save_to_disk folder's .arrow files, or a folder's data files,
-    skipping hidden ones (an editor's .ipynb_checkpoints/ copy, `hf download`'s .cache/) and __pycache__-like ones,
-    as `datasets` does."""
+    skipping hidden ones (an editor's .ipynb_checkpoints/ copy, `hf download`'s .cache/), __pycache__-like ones and
+    `datasets`' metadata, as `datasets` does."""
     from greentext_dist.data import BUILDERS, data_suffix
 
     path = Path(os.path.expanduser(name))
@@ -84,7 +88,7 @@ def local_files(name: str) -> list[Path]:
     if (saved := saved_dataset_files(path)) is not None:
         return saved
     hidden = lambda p: any(part.startswith((".", "__")) for part in p.relative_to(path).parts)  # noqa: E731
-    return sorted(p for p in path.rglob("*") if data_suffix(p) in BUILDERS and p.is_file() and not hidden(p))
+    return sorted(p for p in path.rglob("*") if data_suffix(p) in BUILDERS and p.is_file() and not hidden(p) and p.name not in METADATA)
 
 
 def local_fingerprint(name: str) -> list:

@@ -181,6 +181,22 @@ def test_directory_and_prompt_completion(tmp_path):
         open_dataset(str(d))
 
 
+def test_a_downloaded_hub_repo_and_shards_that_disagree(tmp_path):
+    """`hf download --repo-type dataset` of an older repo holds dataset_infos.json beside the data: metadata, not
+    posts (was a CastError traceback). Shards whose columns differ are one line naming the odd file."""
+    from greentext_dist.data import source_posts
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "train.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in POSTS))
+    (repo / "dataset_infos.json").write_text(json.dumps({"default": {"features": {"text": {"dtype": "string"}}, "splits": {"train": {}}}}))
+    (repo / "README.md").write_text("---\nlicense: mit\n---\n")
+    assert list(source_posts(str(repo), None)) == [p.strip() for p in POSTS]
+    (repo / "data" / "zz-extra.jsonl").write_text(json.dumps({"text": ">be me", "score": 3}) + "\n")
+    with pytest.raises(UserError, match=r"zz-extra.jsonl has columns \['score', 'text'\] where the first file of .*repo has \['text'\]"):
+        list(source_posts(str(repo), None))
+
+
 def test_explicit_text_field(tmp_path):
     p = tmp_path / "b.jsonl"
     p.write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(POSTS)))

@@ -232,6 +232,10 @@ def print_summary(run: "Run", sources: dict) -> None:
     if run.spec.slow_alone and env.world_size == 1 and not t.offload:
         log.warning(f"ZeRO-3 on one GPU shards nothing and measured {planner.ZERO3_ONE_GPU_MFU:.1%} MFU (XL, H200): "
                     "--backend ddp, fsdp or zero2 is several times faster; keep zero3 for several GPUs or with --offload.")
+    if (warm := warmup_steps(cfg.optim, plan.max_steps)) >= plan.max_steps > 1:
+        log.warning(f"--warmup-steps {warm} is not shorter than the run ({plan.max_steps} steps): the learning rate ends at "
+                    f"{lr_at(plan.max_steps - 1, cfg.optim, plan.max_steps):.3g}, below --lr {cfg.optim.lr:g}, and never decays. "
+                    "Pass fewer warmup steps (the default is 5% of the run).")
     if plan.epochs > 20:
         log.warning(f"{plan.epochs:.0f} epochs planned over a small corpus: watch val_loss for overfitting.")
 

@@ -258,6 +258,16 @@ def test_python_api_points_a_datasets_object_to_save_to_disk(corpus, tmp_path):
     assert train(dataset=tmp_path / "saved", output_dir=str(tmp_path / "b"), **settings).is_dir()
 
 
+def test_a_warmup_longer_than_the_run_is_named(corpus, tmp_path, capfd):
+    from greentext_dist.metrics import read_metrics
+
+    out = tmp_path / "w"
+    assert run_inprocess(tiny_args(corpus, out, *RUN[:4], "--max-steps", "3", "--warmup-steps", "10", "--lr", "1e-3", "--eval-every", "0")) == 0
+    err = " ".join(capfd.readouterr().err.split())
+    assert "--warmup-steps 10 is not shorter than the run (3 steps): the learning rate ends at 0.000273, below --lr 0.001" in err
+    assert [round(r["lr"], 7) for r in read_metrics(out / "metrics.jsonl") if "lr" in r] == [round(1e-3 * k / 11, 7) for k in (1, 2, 3)]
+
+
 def test_final_is_group_readable_and_tokenizer_knows_its_length(corpus, tmp_path):
     import json
     import stat

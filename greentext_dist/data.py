@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ import torch
 from greentext_dist.attention import dense_doc_mask, flex_doc_mask
 from greentext_dist.errors import UserError
 from greentext_dist.hub import hub_offline, is_local
-from greentext_dist.store import background, local_files
+from greentext_dist.store import background, folder_splits, local_files
 
 if TYPE_CHECKING:
     from datasets import IterableDataset
@@ -82,6 +83,10 @@ def open_dataset(name: str, revision: str | None = None) -> IterableDataset:
         empty = [str(p) for p in files if p.stat().st_size == 0]
         if empty:
             raise UserError(f"dataset file {empty[0]} is empty", "point --dataset at a file with posts")
+        if path.is_dir() and len(splits := folder_splits(path)) > 1 and "train" in splits:
+            others = ", ".join(sorted(set(splits) - {"train"}))
+            logging.getLogger(__name__).info(f"{name} holds the splits train, {others} (by file name, as `datasets` reads a folder): "
+                                             f"training on train's {len(files)} file(s); --val-dataset takes another split's files")
         builder = kinds.pop()
         # .txt: one post per blank-line-separated paragraph, since greentext posts span several lines.
         extra = {"sample_by": "paragraph"} if builder == "text" else {}

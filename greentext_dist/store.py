@@ -88,7 +88,21 @@ def local_files(name: str) -> list[Path]:
     if (saved := saved_dataset_files(path)) is not None:
         return saved
     hidden = lambda p: any(part.startswith((".", "__")) for part in p.relative_to(path).parts)  # noqa: E731
-    return sorted(p for p in path.rglob("*") if data_suffix(p) in BUILDERS and p.is_file() and not hidden(p) and p.name not in METADATA)
+    files = sorted(p for p in path.rglob("*") if data_suffix(p) in BUILDERS and p.is_file() and not hidden(p) and p.name not in METADATA)
+    splits = folder_splits(path)
+    return [f for f in files if f.resolve() in splits["train"]] if len(splits) > 1 and "train" in splits else files
+
+
+def folder_splits(path: Path) -> dict[str, set[Path]]:
+    """The splits `datasets` sees in a folder by its file names (data/train-*.parquet, data/test-*.parquet, ...), as
+    load_dataset(folder) does: a downloaded hub repo's test posts must not become training posts."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        resolved = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
+    except Exception:  # noqa: BLE001 - no recognisable layout: every file is data
+        return {}
+    return {str(split): {Path(f).resolve() for f in files} for split, files in resolved.items()}
 
 
 def local_fingerprint(name: str) -> list:

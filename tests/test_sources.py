@@ -183,7 +183,8 @@ def test_directory_and_prompt_completion(tmp_path):
 
 def test_a_downloaded_hub_repo_and_shards_that_disagree(tmp_path):
     """`hf download --repo-type dataset` of an older repo holds dataset_infos.json beside the data: metadata, not
-    posts (was a CastError traceback). Shards whose columns differ are one line naming the odd file."""
+    posts (was a CastError traceback). A repo with train and test files trains on train's. Shards whose columns differ
+    are one line naming the odd file."""
     from greentext_dist.data import source_posts
 
     repo = tmp_path / "repo"
@@ -192,6 +193,18 @@ def test_a_downloaded_hub_repo_and_shards_that_disagree(tmp_path):
     (repo / "dataset_infos.json").write_text(json.dumps({"default": {"features": {"text": {"dtype": "string"}}, "splits": {"train": {}}}}))
     (repo / "README.md").write_text("---\nlicense: mit\n---\n")
     assert list(source_posts(str(repo), None)) == [p.strip() for p in POSTS]
+    # The hub's layout of splits by file name: the test split's posts never become training posts (as load_dataset(DIR)).
+    import pandas as pd
+
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    train = [f">be me {i}\n>train" for i in range(6)]
+    for i in range(2):
+        pd.DataFrame({"text": train[3 * i:3 * i + 3]}).to_parquet(hub / "data" / f"train-0000{i}-of-00002.parquet")
+    pd.DataFrame({"text": [">be me\n>held out"]}).to_parquet(hub / "data" / "test-00000-of-00001.parquet")
+    assert list(source_posts(str(hub), None)) == train
+    assert list(source_posts(str(hub / "data" / "test-00000-of-00001.parquet"), None)) == [">be me\n>held out"]
+
     (repo / "data" / "zz-extra.jsonl").write_text(json.dumps({"text": ">be me", "score": 3}) + "\n")
     with pytest.raises(UserError, match=r"zz-extra.jsonl has columns \['score', 'text'\] where the first file of .*repo has \['text'\]"):
         list(source_posts(str(repo), None))

@@ -310,7 +310,9 @@ def readable(source: str):
     except Exception as e:
         if not is_local(source):
             raise
-        if type(e).__name__ == "CastError":  # datasets.table.CastError: a file whose columns differ from the first's
+        from datasets.table import CastError
+
+        if isinstance(e, CastError):  # a file whose columns differ from the first's
             odd = file_with_columns(source, e.table_column_names)
             raise UserError(f"{odd or 'a file of ' + source} has columns {sorted(e.table_column_names)} where the first file of "
                             f"{source} has {sorted(e.requested_column_names)}", "keep one kind of record per folder, or point at one file") from None

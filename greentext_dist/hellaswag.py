@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from greentext_dist.data import readable
 from greentext_dist.errors import UserError, first_line
 from greentext_dist.hub import hub_offline, is_local
+from greentext_dist.store import is_saved_dataset
 
 HUB_ID = "Rowan/hellaswag"
 
@@ -50,7 +51,7 @@ def load_items(data: str, split: str = "validation", limit: int | None = None) -
     from datasets import load_dataset
 
     path = Path(data)
-    if is_local(data) and path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+    if is_local(data) and path.is_dir() and is_saved_dataset(path):
         from datasets import DatasetDict, load_from_disk
 
         ds = load_from_disk(str(path))  # written by save_to_disk, e.g. load_dataset("Rowan/hellaswag") on a machine online

@@ -61,17 +61,22 @@ def default_cache_dir() -> Path:
 METADATA = {"dataset_infos.json", "dataset_info.json", "state.json", "dataset_dict.json"}
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by `datasets`' save_to_disk: a DatasetDict, or one Dataset."""
+    return (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+
+
 def saved_dataset_files(path: Path) -> list[Path] | None:
     """The .arrow files of a folder written by `datasets`' save_to_disk (a DatasetDict's 'train' split), in row order;
     None for any other folder."""
+    if not is_saved_dataset(path):
+        return None
     if (path / "dataset_dict.json").is_file():
         splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
         if "train" not in splits:
             raise UserError(f"{path} is a saved DatasetDict without a 'train' split (splits: {', '.join(splits) or 'none'})",
                             f"point at the split to read, e.g. {path / splits[0]}" if splits else "save the posts again")
         path = path / "train"
-    if not ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()):
-        return None
     state = json.loads((path / "state.json").read_text())
     return [path / f["filename"] for f in state.get("_data_files", [])]
 

@@ -1,6 +1,6 @@
 """The real commands on whatever single GPU is here, one JSON line per run in RESULTS_DIR/results.jsonl.
 
-    python scripts/gpu_check.py RESULTS_DIR [next|all|e2e|bench|xl|flex]   (scripts/gpu_check.sh sets up the environment)
+    python scripts/gpu_check.py RESULTS_DIR [next|all|e2e|bench|xl|flex|rows:LABEL,...]   (scripts/gpu_check.sh sets up the environment)
 
 e2e:   train.py for real on a local greentext-format corpus (scratch init: no hub needed), through each
        launcher and engine: python (ddp), deepspeed (zero2, zero3), torchrun (fsdp), accelerate launch
@@ -12,8 +12,9 @@ bench: scripts/bench.py rows, most important first, until the time budget is spe
        again through train.py itself (at --log-every 1 and 10) to measure what the real command costs over the
        bench step.
 flex:  scripts/check_flex.py: --attention flex's loss and gradients against the dense-mask SDPA path.
-next:  what no GPU run has shown yet, most important first: flex, the train.py / bench ratio, isolated packing
-       with flex vs sdpa, XL's resume and reload, then the remaining rows.
+next:  what no GPU run has shown yet, most important first: the correctness runs side by side (flex gradients,
+       Small through each launcher, XL's halt, resume and reload), then the goal rows, the train.py / bench
+       ratio at --log-every 1 and 10 with the token store, isolated packing with flex vs sdpa, Medium, Large.
 
 GPU_CHECK_DRY=1 runs the same orchestration on the CPU with the tiny model (to check this script).
 """
@@ -98,6 +99,12 @@ def launcher(kind: str, port: int) -> list[str]:
     raise ValueError(kind)
 
 
+def shown(cmd: list[str]) -> str:
+    """The command as a user types it: the program by name (python, deepspeed, torchrun), not by its path here."""
+    head = "python" if cmd[0] == sys.executable else Path(cmd[0]).name
+    return " ".join([head, *cmd[1:]])
+
+
 def train_losses(out: Path) -> list[tuple[int, float, float | None]]:
     rows = []
     p = out / "metrics.jsonl"
@@ -115,9 +122,10 @@ def train_losses(out: Path) -> list[tuple[int, float, float | None]]:
 class E2E:
     """One engine's halt -> resume -> reload sequence, run as a small state machine so several go side by side."""
 
-    def __init__(self, name: str, model: str, kind: str, extra: list[str], port: int, corpus: Path, res: Path):
+    def __init__(self, name: str, model: str, kind: str, extra: list[str], port: int, corpus: Path, res: Path,
+                 root: Path = WORK):
         self.name, self.model, self.kind, self.res = name, model, kind, res
-        self.out = WORK / name
+        self.out = root / name
         shutil.rmtree(self.out, ignore_errors=True)
         big = model in ("large", "xl")
         shape = (["--seq-len", "128", "--global-batch-size", "8", "--micro-batch-size", "4", "--precision", "fp32"] if DRY else
@@ -128,7 +136,7 @@ class E2E:
                        ("reload", [sys.executable, "-m", "greentext_dist.generate", str(self.out / "final"), "--prompt", "be me",
                                    "--num-samples", "2", "--max-new-tokens", "40", "--seed", "0"])]
         self.result = {"source": "train.py", "run": name, "model": model, "launcher": kind,
-                       "command": " ".join(self.cmd).replace(sys.executable, "python"), "ok": False}
+                       "command": shown(self.cmd), "ok": False}
         self.proc, self.stage, self.t_stage, self.logs = None, -1, 0.0, {}
         self.next()
 
@@ -153,6 +161,8 @@ class E2E:
             self.proc.wait()
             rc = "timeout"
         if rc is None:
+            if what == "resume":
+                self.free_halt_checkpoint()
             return True
         self.log.close()
         text = (WORK / f"{self.name}.{what}.log").read_text(errors="replace")
@@ -177,6 +187,18 @@ class E2E:
             return False
         self.next()
         return self.proc is not None
+
+    def free_halt_checkpoint(self) -> None:
+        """XL only where the disk cannot hold two of its ~28 GB checkpoints: once the resumed run has trained past the
+        halt (so it has read the checkpoint), move the halt checkpoint out of the way, as a user would to cold storage."""
+        halt = self.out / "checkpoints" / f"step-{HALT}"
+        if self.result.get("halt_checkpoint_removed") or self.model not in ("large", "xl") or not halt.is_dir():
+            return
+        size = sum(f.stat().st_size for f in halt.rglob("*") if f.is_file())
+        if shutil.disk_usage(self.out).free > 1.3 * size or not any(s > HALT for s, _, _ in train_losses(self.out)):
+            return
+        shutil.rmtree(halt, ignore_errors=True)
+        self.result["halt_checkpoint_removed"] = f"{size / 2**30:.1f} GiB, after step {HALT + 1} (disk)"
 
     def finish(self) -> None:
         r = self.result
@@ -210,11 +232,49 @@ def e2e_small(res: Path) -> None:
     ], float(os.environ.get("E2E_SMALL_S", "180")))
 
 
-def e2e_xl(res: Path) -> None:
-    corpus = corpus_file()
+def xl_e2e_job(res: Path, corpus: Path) -> E2E:
+    # --final last: no best/ copy beside the two step checkpoints (disk); `auto` is ZeRO-2 on one GPU.
     big = "tiny" if DRY else "xl"
+    return E2E(f"{big}-auto-deepspeed", big, "deepspeed", ["--final", "last"], 29515, corpus, res)
+
+
+def e2e_xl(res: Path) -> None:
     deadline = min(float(os.environ.get("E2E_XL_S", "200")), BUDGET_S - elapsed() - 10)
-    run_parallel([E2E(f"{big}-auto-deepspeed", big, "deepspeed", [], 29515, corpus, res)], deadline)
+    run_parallel([xl_e2e_job(res, corpus_file())], deadline)
+
+
+def small_root() -> Path:
+    """Where the Small runs' checkpoints go while XL's fill the disk: RAM (/dev/shm) if it has room, else WORK."""
+    shm = Path("/dev/shm")
+    try:
+        if shutil.disk_usage(shm).free > 24 * 2**30:
+            return shm / "gpu_check"
+    except OSError:
+        pass
+    return WORK
+
+
+def e2e_together(res: Path) -> None:
+    """Every correctness run at once, the GPU shared (their tokens/s are not timings): the flex gradient check,
+    Small through each launcher (ZeRO-2 is XL's engine here) and `deepspeed train.py --model xl`."""
+    corpus = corpus_file()
+    small = "tiny" if DRY else "small"
+    root = small_root()
+    jobs = [xl_e2e_job(res, corpus),
+            E2E(f"{small}-ddp-python", small, "python", [], 0, corpus, res, root),
+            E2E(f"{small}-zero3-deepspeed", small, "deepspeed", ["--backend", "zero3"], 29512, corpus, res, root),
+            E2E(f"{small}-fsdp-torchrun", small, "torchrun", ["--backend", "fsdp"], 0, corpus, res, root),
+            E2E(f"{small}-fsdp-accelerate", small, "accelerate", [], 29514, corpus, res, root)]
+    flex_proc = subprocess.Popen(flex_cmd(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run_parallel(jobs, min(float(os.environ.get("E2E_S", "330")), BUDGET_S - elapsed() - 10))
+    try:
+        text, rc = flex_proc.communicate(timeout=max(5, min(120, BUDGET_S - elapsed() - 60)))[0], flex_proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(flex_proc.pid, 9)
+        text, rc = flex_proc.communicate()[0], "timeout"
+    record_flex(res, rc, text)
+    if root != WORK:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 BENCH = [
@@ -239,6 +299,15 @@ BENCH = [
     ("xl-fsdp-gc-m16", "--model xl --backend fsdp --micro-batch-size 16 --grad-accum 2 --gradient-checkpointing --compile"),
     ("small-no-pad", "--model small --micro-batch-size 32 --grad-accum 4 --compile --pad-vocab 1"),
 ]
+
+
+# 'next' after the correctness runs: the goal rows and the real command against them, then what no GPU run has shown.
+NEXT = ("small-best", "small-best-train.py", "small-best-train.py-log10", "xl-best", "small-isolated-flex", "small-isolated-sdpa",
+        "medium-best", "large-best", "xl-m32", "xl-dropout0.1")
+
+
+def rows(*labels: str) -> list:
+    return [next(r for r in BENCH if r[0] == label) for label in labels]
 
 
 DONE: dict[str, dict] = {}
@@ -296,7 +365,7 @@ def train_timing(res: Path, label: str, extra: list[str]) -> None:
     steps = train_losses(out)
     tps = [s for n, _, s in steps if n > 10 and s]  # with --log-every 10: the line at step 20 covers steps 11-20
     ref = DONE.get(BENCH[0][0])
-    row = {"source": "train.py", "run": label, "command": " ".join(cmd).replace(sys.executable, "python"), "rc": rc,
+    row = {"source": "train.py", "run": label, "command": shown(cmd), "rc": rc,
            "steps": len(steps), "median_tokens_per_s": statistics.median(tps) if tps else None, "wall_s": round(time.time() - t, 1)}
     if ref and ref.get("tokens_per_s") and row["median_tokens_per_s"]:
         row["bench_tokens_per_s"] = ref["tokens_per_s"]
@@ -306,19 +375,26 @@ def train_timing(res: Path, label: str, extra: list[str]) -> None:
     record(res, row)
 
 
-def flex(res: Path) -> None:
-    """--attention flex against the dense mask: loss and gradients (GPU), fp32, bf16 and compiled."""
+def flex_cmd() -> list[str]:
     model, micro, T = ("tiny", "2", "256") if DRY else ("small", "4", "1024")
-    cmd = [sys.executable, "scripts/check_flex.py", "--model", model, "--micro-batch-size", micro, "--seq-len", T]
-    rc, text = run_capture(cmd, 240)
+    return [sys.executable, "scripts/check_flex.py", "--model", model, "--micro-batch-size", micro, "--seq-len", T]
+
+
+def record_flex(res: Path, rc, text: str) -> None:
     line = next((json.loads(t) for t in reversed(text.splitlines()) if t.startswith('{"source": "check_flex.py"')), None)
     record(res, {**(line or {"source": "check_flex.py", "ok": False, "tail": text[-2000:]}), "run": "flex-equivalence", "rc": rc})
+
+
+def flex(res: Path) -> None:
+    """--attention flex against the dense mask: loss and gradients (GPU), fp32, bf16 and compiled."""
+    rc, text = run_capture(flex_cmd(), 240)
+    record_flex(res, rc, text)
 
 
 PARTS = {
     # Small's engines, the rows that matter most, XL's headline command, then the other rows.
     "all": [e2e_small, lambda r: bench(r, BENCH[:3]), e2e_xl, lambda r: bench(r, BENCH[3:]), flex],
-    "next": [flex, lambda r: bench(r, BENCH[:5]), e2e_xl, lambda r: bench(r, BENCH[5:])],
+    "next": [e2e_together, lambda r: bench(r, rows(*NEXT))],
     "e2e": [e2e_small, e2e_xl],
     "bench": [lambda r: bench(r, BENCH)],
     "xl": [e2e_xl],
@@ -329,8 +405,14 @@ PARTS = {
 if __name__ == "__main__":
     res = Path(sys.argv[1]).resolve()
     part = sys.argv[2] if len(sys.argv) > 2 else "next"
+    if part.startswith("rows:"):  # bench rows by label, e.g. rows:medium-best,large-best
+        labels = part[5:].split(",")
+        unknown = [label for label in labels if label not in {r[0] for r in BENCH}]
+        if unknown:
+            sys.exit(f"unknown bench rows {unknown}: one of {', '.join(r[0] for r in BENCH)}")
+        PARTS[part] = [lambda r: bench(r, rows(*labels))]
     if part not in PARTS:
-        sys.exit(f"unknown part {part!r}: one of {', '.join(PARTS)}")
+        sys.exit(f"unknown part {part!r}: one of {', '.join(PARTS)}, or rows:LABEL,LABEL")
     res.mkdir(parents=True, exist_ok=True)
     GPU, VERSIONS = gpu_name(), versions()
     print(f"gpu_check {part} on {GPU}: {VERSIONS}", flush=True)

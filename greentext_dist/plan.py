@@ -7,7 +7,8 @@ of `estimate_zero2/3_model_states_mem_needs`, checked in tests) and the same sty
 Activations are calibrated on measured peaks of HF GPT-2 on an H200, eager and compiled (docs/benchmarks.md): bytes per
 layer per token-width unit (b x T x d) and bytes per logit (b x T x vocab). The peak is the larger of
 "forward + backward" (states without gradients, plus all activations and logits) and "optimizer step"
-(every state at once). The same numbers drive train.py's start summary, its OOM warning and the
+(every state at once); under gradient accumulation, every state plus the activations (the gradients of the
+first micro-batch are held through the others). The same numbers drive train.py's start summary, its OOM warning and the
 automatic gradient-checkpointing choice.
 """
 
@@ -103,17 +104,27 @@ def activations(s: Shape, engine: str, micro: int, seq_len: int, checkpointing: 
 
 
 def peak_bytes(s: Shape, engine: str, gpus: int, micro: int, seq_len: int, checkpointing: bool, precision: str = "bf16",
-               compiled: bool = False) -> dict:
+               compiled: bool = False, grad_accum: int = 1) -> dict:
     held, grads = model_states(s, engine, gpus, precision)
     act = activations(s, engine, micro, seq_len, checkpointing, precision, compiled)
     held += WORKSPACE.get(engine, 0.0) * s.n_params / gpus
-    return {"states": held + grads, "activations": act, "peak": max(held + act, held + grads)}
+    # Accumulating, the first micro-batch's gradients are held through every later one's forward and backward
+    # (H200: XL micro 16 x 2 peaked 4.6 GiB, its fp32 gradients, above the same micro-batch alone).
+    peak = held + grads + act if grad_accum > 1 else max(held + act, held + grads)
+    return {"states": held + grads, "activations": act, "peak": peak}
+
+
+def accumulation(global_batch: int | None, micro: int, gpus: int) -> int:
+    """Passes per optimizer step (the last one padded if needed); 2 (accumulating) when the global batch is not known."""
+    return 2 if global_batch is None else -(-global_batch // (micro * gpus))
 
 
 def largest_micro(s: Shape, engine: str, gpus: int, budget: float, seq_len: int, checkpointing: bool, precision: str = "bf16",
-                  compiled: bool = False) -> int:
+                  compiled: bool = False, global_batch: int | None = None) -> int:
+    fits = lambda b: peak_bytes(s, engine, gpus, b, seq_len, checkpointing, precision, compiled,  # noqa: E731
+                                accumulation(global_batch, b, gpus))["peak"] <= budget
     b = 0
-    while b < 1024 and peak_bytes(s, engine, gpus, b + 1, seq_len, checkpointing, precision, compiled)["peak"] <= budget:
+    while b < 1024 and fits(b + 1):
         b += 1
     return b
 
@@ -126,11 +137,11 @@ def plan_engine(model: str, engine: str, gpus: int, gpu_memory_gib: float, *, se
     budget = gpu_memory_gib * GIB * headroom
     row: dict = {"engine": engine}
     for gc in (False, True):
-        best = largest_micro(s, engine, gpus, budget, seq_len, gc, compiled=compiled)
+        best = largest_micro(s, engine, gpus, budget, seq_len, gc, compiled=compiled, global_batch=global_batch)
         row["max_micro_gc" if gc else "max_micro"] = best
     gc = row["max_micro"] == 0 or (micro is not None and micro > row["max_micro"])
     b = micro or pick_micro(global_batch, gpus, row["max_micro_gc" if gc else "max_micro"])
-    mem = peak_bytes(s, engine, gpus, b, seq_len, gc, compiled=compiled)
+    mem = peak_bytes(s, engine, gpus, b, seq_len, gc, compiled=compiled, grad_accum=accumulation(global_batch, b, gpus))
     held, grads = model_states(s, engine, gpus)
     n_no_pos = s.n_params - POSITIONS * s.n_embd
     flops = flops_per_token(n_no_pos, s.n_layer, s.n_embd, seq_len)

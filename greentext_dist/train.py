@@ -150,7 +150,8 @@ def memory_plan(cfg: Config, env: DistEnv, spec: EngineSpec, config, checkpointi
     t = cfg.train
     s = planner.shape_for(config.n_layer, config.n_embd, config.vocab_size, config.n_positions)
     key = spec.plan_key(t.backend, t.offload or t.fsdp_cpu_offload)
-    mem = planner.peak_bytes(s, key, env.world_size, t.micro_batch_size, cfg.data.seq_len, checkpointing, t.precision, cfg.model.compile)
+    mem = planner.peak_bytes(s, key, env.world_size, t.micro_batch_size, cfg.data.seq_len, checkpointing, t.precision, cfg.model.compile,
+                             planner.accumulation(t.global_batch_size, t.micro_batch_size, env.world_size))
     budget = torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None
     return MemoryPlan(mem["peak"], mem["states"], mem["activations"], budget, key, s)
 
@@ -225,7 +226,7 @@ def print_summary(run: "Run", sources: dict) -> None:
     if mem.budget and mem.peak > 0.95 * mem.budget:
         s, budget = mem.shape, 0.9 * mem.budget
         fit = planner.largest_micro(s, mem.key, env.world_size, budget, d.seq_len, bool(cfg.model.gradient_checkpointing), t.precision,
-                                    cfg.model.compile)
+                                    cfg.model.compile, t.global_batch_size)
         log.warning(f"likely out of memory: planned peak {mem.peak / 2**30:.1f} GiB on a {mem.budget / 2**30:.0f} GiB GPU. "
                     + (f"Try --micro-batch-size {fit}" if fit else "Try --gradient-checkpointing, --backend zero3/fsdp or --offload")
                     + f" (see python -m greentext_dist.plan --model {cfg.model.model} --gpus {env.world_size}).")

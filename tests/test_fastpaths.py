@@ -137,8 +137,25 @@ def test_planner_matches_measured_h200_peaks():
         assert got == pytest.approx(gib, rel=0.15), (model, engine, got, gib)
 
 
+def test_planner_holds_gradients_through_accumulation():
+    """Compiled DDP with accumulation on an H200 (docs/gpu_runs/h200-2026-11-27-b-gpu-check.jsonl): the first micro-batch's
+    gradients stay while the next runs, so the peak is states + gradients + activations. Without that term the planner
+    was 4-7% under these peaks; with it, within 3%."""
+    measured = [("medium", 32, 2, 37.90), ("large", 16, 4, 40.26), ("xl", 16, 2, 69.52)]
+    for model, micro, accum, gib in measured:
+        s = planner.shape(model)
+        got = planner.peak_bytes(s, "ddp", 1, micro, 1024, False, compiled=True, grad_accum=accum)["peak"] / 2**30
+        assert got == pytest.approx(gib, rel=0.03), (model, got, gib)
+        alone = planner.peak_bytes(s, "ddp", 1, micro, 1024, False, compiled=True)["peak"] / 2**30
+        assert got - alone == pytest.approx(planner.model_states(s, "ddp", 1)[1] / 2**30)
+    xl = planner.shape("xl")  # the micro-batch that fits is found with the same term: 512 on one 80 GiB card accumulates
+    b = planner.largest_micro(xl, "ddp", 1, 0.9 * 80 * 2**30, 1024, False, compiled=True, global_batch=512)
+    assert planner.peak_bytes(xl, "ddp", 1, b, 1024, False, compiled=True, grad_accum=-(-512 // b))["peak"] <= 0.9 * 80 * 2**30
+    assert planner.peak_bytes(xl, "ddp", 1, b + 1, 1024, False, compiled=True, grad_accum=-(-512 // (b + 1)))["peak"] > 0.9 * 80 * 2**30
+
+
 def test_planner_turns_on_checkpointing_and_finds_the_micro_batch():
-    tight = planner.plan_engine("xl", "ddp", 1, 29.5)  # no micro-batch fits without checkpointing
+    tight = planner.plan_engine("xl", "ddp", 1, 31)  # no micro-batch fits without checkpointing
     assert tight["max_micro"] == 0 and tight["checkpointing"] and tight["fits"] and 1 <= tight["micro"] <= tight["max_micro_gc"]
     assert not planner.plan_engine("xl", "ddp", 1, 40)["checkpointing"]  # one does at 40 GiB: no recompute
     roomy = planner.plan_engine("small", "ddp", 8, 80)

@@ -6,7 +6,7 @@
 # GPU_CHECK_DRY=1 runs the same script on the CPU with the tiny model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-RES=${1:?usage: scripts/gpu_check.sh RESULTS_DIR [next|all|e2e|bench|xl|flex]}
+RES=${1:?usage: scripts/gpu_check.sh RESULTS_DIR [next|all|e2e|bench|xl|flex|rows:LABEL,...]}
 PART=${2:-next}
 mkdir -p "$RES"
 if ls .whl/*.whl >/dev/null 2>&1; then

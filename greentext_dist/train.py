@@ -302,17 +302,18 @@ def claim_output_dir(out: Path, cfg: Config) -> None:
 class Checkpointer:
     """Owns when checkpoints are written (--save-every, a stop, the end), their rotation, and the final export."""
 
-    def __init__(self, run_out: Path, cfg: Config, engine: Engine, tokenizer, last_saved: int | None, state: dict | None):
+    def __init__(self, run_out: Path, cfg: Config, engine: Engine, tokenizer, last_saved: int | None, state: dict | None, validates: bool):
         self.root, self.c, self.engine, self.tokenizer = run_out / "checkpoints", cfg.checkpoint, engine, tokenizer
         self.last_saved, self.saved_at = last_saved, time.monotonic()
         self.patience = cfg.train.early_stopping_patience
+        self.keeps_best = validates and (self.c.final == "best" or bool(self.patience))  # checkpoints/best, see validated()
         self.best = (state or {}).get("best")  # {"step", "val_loss"} of checkpoints/best
         self.since_best = (state or {}).get("since_best", 0)  # validations without a new best
 
     def validated(self, step: int, val_loss: float) -> bool:
         """After each validation: keep a new best's weights out of rotation. True when early stopping says stop."""
         if self.best is None or val_loss < self.best["val_loss"]:
-            if self.c.final == "best" or self.patience:
+            if self.keeps_best:
                 ckpt.save_best(self.engine, self.root, step, val_loss, self.tokenizer, self.c.max_shard_size)
             self.best, self.since_best = {"step": step, "val_loss": val_loss}, 0
             return False
@@ -331,7 +332,24 @@ class Checkpointer:
     def save(self, step: int, trainer_state: dict) -> Path:
         path = ckpt.save_checkpoint(self.engine, self.root, step, trainer_state, self.tokenizer, self.c.keep_last, self.c.max_shard_size)
         self.last_saved, self.saved_at = step, time.monotonic()
+        if self.engine.env.is_main:
+            hf_files = ckpt.folder_bytes(path, "*.*")  # the top-level files: the HF export, tokenizer, manifest
+            self.check_disk(ckpt.folder_bytes(path), hf_files, f"measured on {path.name}")
         return path
+
+    def check_disk(self, one: int, weights: int, how: str) -> None:
+        """Rank 0: warn while there is time to act, not when a save fails hours in. A save writes a whole checkpoint
+        (and a new best its weights) before the oldest goes, so the rotation peaks at --keep-last + 1 checkpoints
+        and two copies of the best weights."""
+        best = 2 * weights if self.keeps_best else 0
+        used = sum(ckpt.folder_bytes(d) for _, d in ckpt.step_dirs(self.root)) + ckpt.folder_bytes(self.root / "best")
+        need, free = (self.c.keep_last + 1) * one + best - used, ckpt.free_bytes(self.root)
+        if need > free:
+            gib = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"  # noqa: E731
+            log.warning(f"checkpoints need ~{gib(need)} more disk than the {gib(free)} free under {self.root}: {self.c.keep_last} kept "
+                        f"+ 1 being written, ~{gib(one)} each ({how}){', and the best weights' if best else ''}. The first save that "
+                        "does not fit stops the run, keeping the checkpoint before it. Fix: free disk space, lower --keep-last "
+                        f"(now {self.c.keep_last}), or point --output-dir at a larger disk.")
 
     def due(self, step: int, max_steps: int, clock: bool) -> bool:
         """Every --save-every steps, and when `clock` says --save-every-minutes have passed (see clock_due)."""
@@ -478,12 +496,15 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
     )
     resume_step = progress.step if state else None
     run = Run(cfg, env, spec, layout, tokenizer, train_data, val, corpus, val_corpus(val) if val else None, plan, mem, engine, resume_from, state,
-              Checkpointer(out, cfg, engine, tokenizer, resume_step, state), progress, out,
+              Checkpointer(out, cfg, engine, tokenizer, resume_step, state, val is not None), progress, out,
               MetricsLog(out / "metrics.jsonl", resume_step, env.is_main,
                          Trackers(parse_report_to(cfg.train.report_to), out, cfg.to_dict(), settings_toml, env.is_main)),
               MetricsLog(out / "samples.jsonl", resume_step, env.is_main), base_commit)
     if env.is_main:
         print_summary(run, sources)
+        s = mem.shape
+        run.checkpointer.check_disk(*ckpt.checkpoint_bytes(cfg.train.backend, cfg.train.precision, s.n_params, s.largest_layer),
+                                    f"estimated for {cfg.model.model} under {cfg.train.backend}")
     if state and state["max_steps"] != plan.max_steps:
         log.warning(f"the checkpoint was planned for {state['max_steps']} steps, this run for {plan.max_steps}: the lr schedule changes")
     stores = train_data.store_names

@@ -54,6 +54,18 @@ def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
             "--precision", "fp32", "--dropout", "0", "--val-fraction", "0.1", "--max-shard-size", "5MB", *extra]
 
 
+def assert_checkpoint_size(out: Path, backend: str, precision: str) -> None:
+    """The newest step checkpoint of run folder `out` is the size train.py's disk check estimates (within 2%)."""
+    from greentext_dist import checkpoint as ckpt
+    from greentext_dist.plan import shape
+
+    s = shape("tiny")
+    _, newest = ckpt.step_dirs(out / "checkpoints")[-1]
+    one, hf = ckpt.checkpoint_bytes(backend, precision, s.n_params, s.largest_layer)
+    got = ckpt.folder_bytes(newest), ckpt.folder_bytes(newest, "*.*")
+    assert got[0] == pytest.approx(one, rel=0.02) and got[1] == pytest.approx(hf, rel=0.02), (backend, precision, got, (one, hf))
+
+
 def run_inprocess(args: list[str]) -> int:
     from greentext_dist.train import cli
 

@@ -17,7 +17,7 @@ ENV = "GREENTEXT_FAULTS"  # read by tests/plugin/sitecustomize.py only
 
 
 def patches(nan_steps=(), disk_full: bool = False, crash_in_save: bool = False, save_error_on_rank: int | None = None,
-            source_changed_on_rank: int | None = None) -> list[tuple[object, str, object]]:
+            source_changed_on_rank: int | None = None, free_disk: int | None = None) -> list[tuple[object, str, object]]:
     """(module, attribute, replacement) for each fault.
 
     nan_steps: optimizer steps (1-based) whose training loss is multiplied by NaN (validation untouched).
@@ -25,7 +25,8 @@ def patches(nan_steps=(), disk_full: bool = False, crash_in_save: bool = False, 
     crash_in_save: the process dies (exit 17) after a save's files are written, before it is published.
     save_error_on_rank: that rank fails a save with a RuntimeError (not an OSError) while the others succeed.
     source_changed_on_rank: that rank sees the local source with another fingerprint, as if the file had been
-    edited between the ranks' looks at it."""
+    edited between the ranks' looks at it.
+    free_disk: the filesystem of the output folder reports this many bytes free (nothing is filled)."""
     import torch
 
     from greentext_dist import checkpoint, loss, optim, store
@@ -58,6 +59,8 @@ def patches(nan_steps=(), disk_full: bool = False, crash_in_save: bool = False, 
             return real_rng_state()
 
         out.append((checkpoint, "rng_state", rng_state))
+    if free_disk is not None:
+        out.append((checkpoint, "free_bytes", lambda path: free_disk))
     if source_changed_on_rank is not None and int(os.environ.get("RANK", "0")) == source_changed_on_rank:
         real_fingerprint = store.local_fingerprint
 

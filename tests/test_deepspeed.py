@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from conftest import reference_run, ROOT, TRAIN, launch, run_inprocess, tiny_args, train_losses, val_losses
+from conftest import assert_checkpoint_size, reference_run, ROOT, TRAIN, launch, run_inprocess, tiny_args, train_losses, val_losses
 from greentext_dist import checkpoint as ckpt
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="DeepSpeed builds its CPU comm op with g++")
@@ -67,6 +67,7 @@ def test_zero3_bf16_accumulation_checkpointing_and_sampling(reference, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     losses = train_losses(tmp_path / "b")
     assert losses[-1] < losses[0] and max(abs(a - b) for a, b in zip(losses, ref)) <= 2e-2
+    assert_checkpoint_size(tmp_path / "b", "zero3", "bf16")  # two ranks' files together
     rows = [json.loads(line) for line in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 2, 2, 4, 4, 4]
 
@@ -80,6 +81,7 @@ def test_auto_backend_under_deepspeed_launcher_bf16_checkpointing(reference, tmp
     p = deepspeed_launch(args)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert "deepspeed zero2, bf16, gradient checkpointing on" in p.stdout + p.stderr
+    assert_checkpoint_size(out, "zero2", "bf16")
     losses = train_losses(out)
     assert losses[-1] < losses[0]
     assert max(abs(a - b) for a, b in zip(losses, ref)) <= 2e-2

@@ -6,7 +6,7 @@ import inspect
 import pytest
 from transformers import GPT2LMHeadModel
 
-from conftest import launch, reference_run, run_inprocess, tiny_args, train_losses
+from conftest import assert_checkpoint_size, launch, reference_run, run_inprocess, tiny_args, train_losses
 from greentext_dist.config import build_parser
 from greentext_dist.engines import ENGINES, Engine, EngineSpec, ddp, deepspeed, fsdp
 
@@ -57,5 +57,6 @@ def test_engine_contract(reference, tmp_path, name, capfd):
     assert "resuming from" in run(args)
     got = train_losses(out)
     assert len(got) == 4 and max(abs(a - b) for a, b in zip(got, ref)) <= 1e-4
+    assert_checkpoint_size(out, name, "fp32")
     model = GPT2LMHeadModel.from_pretrained(out / "final")
     assert model.config.vocab_size == 50257 and model.config.n_layer == 2

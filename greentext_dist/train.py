@@ -502,8 +502,7 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
               MetricsLog(out / "samples.jsonl", resume_step, env.is_main), base_commit)
     if env.is_main:
         print_summary(run, sources)
-        s = mem.shape
-        run.checkpointer.check_disk(*ckpt.checkpoint_bytes(cfg.train.backend, cfg.train.precision, s.n_params, s.largest_layer),
+        run.checkpointer.check_disk(*ckpt.checkpoint_bytes(cfg.train.backend, cfg.train.precision, mem.shape.n_params),
                                     f"estimated for {cfg.model.model} under {cfg.train.backend}")
     if state and state["max_steps"] != plan.max_steps:
         log.warning(f"the checkpoint was planned for {state['max_steps']} steps, this run for {plan.max_steps}: the lr schedule changes")

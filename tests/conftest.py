@@ -61,7 +61,7 @@ def assert_checkpoint_size(out: Path, backend: str, precision: str) -> None:
 
     s = shape("tiny")
     _, newest = ckpt.step_dirs(out / "checkpoints")[-1]
-    one, hf = ckpt.checkpoint_bytes(backend, precision, s.n_params, s.largest_layer)
+    one, hf = ckpt.checkpoint_bytes(backend, precision, s.n_params)
     got = ckpt.folder_bytes(newest), ckpt.folder_bytes(newest, "*.*")
     assert got[0] == pytest.approx(one, rel=0.02) and got[1] == pytest.approx(hf, rel=0.02), (backend, precision, got, (one, hf))
 

@@ -140,7 +140,7 @@ def test_a_disk_too_small_for_the_rotation_is_named_at_start_and_after_saves(cor
     from greentext_dist.plan import shape
 
     s = shape("tiny")
-    one, hf = ckpt.checkpoint_bytes("ddp", "fp32", s.n_params, s.largest_layer)
+    one, hf = ckpt.checkpoint_bytes("ddp", "fp32", s.n_params)
     run = tiny_args(corpus, tmp_path / "roomy", *RUN, "--max-steps", "2", "--save-every", "1")
     assert run_inprocess(run) == 0 and "checkpoints need" not in capfd.readouterr().err
     step = tmp_path / "roomy" / "checkpoints" / "step-2"
@@ -163,7 +163,7 @@ def test_checkpoint_estimate_matches_xl_on_an_h200():
     from greentext_dist.plan import shape_for
 
     s = shape_for(48, 1600, vocab=50304)
-    assert ckpt.checkpoint_bytes("zero2", "bf16", s.n_params, s.largest_layer)[0] / 2**30 == pytest.approx(23.2, rel=0.02)
+    assert ckpt.checkpoint_bytes("zero2", "bf16", s.n_params)[0] / 2**30 == pytest.approx(23.2, rel=0.02)
 
 
 @pytest.mark.slow

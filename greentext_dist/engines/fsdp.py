@@ -44,15 +44,23 @@ class FSDPEngine(LocalEngine):
         self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
+    def state_dicts(self) -> tuple[dict, dict]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        if self.module.config.tie_word_embeddings:  # one tensor under two names: DCP would write it twice
+            model_sd.pop("lm_head.weight", None)
+        return model_sd, optim_sd
+
     def save_state(self, folder: Path) -> None:
         """Sharded: each rank writes its own shards of the fp32 model and optimizer state, no gather."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = self.state_dicts()
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / "dcp"))
 
     def load_state(self, folder: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = self.state_dicts()
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(folder / "dcp"))
+        if self.module.config.tie_word_embeddings:
+            state["model"]["lm_head.weight"] = state["model"]["transformer.wte.weight"]
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def export_hf(self, folder: Path, max_shard_size: str) -> None:

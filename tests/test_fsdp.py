@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from conftest import reference_run, ROOT, launch, tiny_args, train_losses, val_losses
+from conftest import reference_run, ROOT, launch, run_inprocess, tiny_args, train_losses, val_losses
 from greentext_dist import checkpoint as ckpt
 
 COMMON = ["--global-batch-size", "8", "--micro-batch-size", "2", "--max-steps", "4", "--eval-every", "2", "--lr", "1e-3"]
@@ -67,6 +67,26 @@ def test_fsdp_matches_reference_resumes_reshards_and_exports(reference, tmp_path
     x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(exported(x).logits, ref(x).logits)
+
+
+def test_a_checkpoint_with_the_head_stored_twice_still_resumes(reference, tmp_path, monkeypatch):
+    """FSDP checkpoints written before the tied head was stored once (under both names) resume onto the same curve."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from greentext_dist.engines.fsdp import FSDPEngine, get_state_dict
+
+    data, ref, _ = reference
+    args = tiny_args(data, tmp_path / "old", *COMMON, "--backend", "fsdp")
+    with monkeypatch.context() as m:
+        m.setattr(FSDPEngine, "state_dicts", lambda self: get_state_dict(self.model, self.optimizer))  # the old layout
+        assert run_inprocess([*args, "--halt-at-step", "2"]) == 0
+    saved = FileSystemReader(tmp_path / "old" / "checkpoints" / "step-2" / "train_state" / "dcp").read_metadata().state_dict_metadata
+    assert "model.lm_head.weight" in saved and "model.transformer.wte.weight" in saved
+    assert run_inprocess(args) == 0
+    resaved = FileSystemReader(tmp_path / "old" / "checkpoints" / "step-4" / "train_state" / "dcp").read_metadata().state_dict_metadata
+    assert "model.lm_head.weight" not in resaved and "model.transformer.wte.weight" in resaved
+    got = train_losses(tmp_path / "old")
+    assert len(got) == 4 and max(abs(x - y) for x, y in zip(got, ref)) <= 1e-4
 
 
 TIE = """

@@ -12,9 +12,9 @@ bench: scripts/bench.py rows, most important first, until the time budget is spe
        again through train.py itself (at --log-every 1 and 10) to measure what the real command costs over the
        bench step.
 flex:  scripts/check_flex.py: --attention flex's loss and gradients against the dense-mask SDPA path.
-next:  what no GPU run has shown yet, most important first: the correctness runs side by side (flex gradients,
-       Small through each launcher, XL's halt, resume and reload), then the goal rows, the train.py / bench
-       ratio at --log-every 1 and 10 with the token store, isolated packing with flex vs sdpa, Medium, Large.
+next:  the correctness runs side by side (flex gradients, Small through each launcher, XL's halt, resume and
+       reload), the goal rows and train.py against the first, then what no GPU run has shown yet: ZeRO-2 and
+       FSDP2 compiled with accumulation, XL at micro 32, whole-model compile and max-autotune, Medium, Large.
 
 GPU_CHECK_DRY=1 runs the same orchestration on the CPU with the tiny model (to check this script).
 """
@@ -301,9 +301,10 @@ BENCH = [
 ]
 
 
-# 'next' after the correctness runs: the goal rows and the real command against them, then what no GPU run has shown.
-NEXT = ("small-best", "small-best-train.py", "small-best-train.py-log10", "xl-best", "small-isolated-flex", "small-isolated-sdpa",
-        "medium-best", "large-best", "xl-m32", "xl-dropout0.1")
+# 'next' after the correctness runs: the goal rows and the real command against them, then what no GPU run has shown
+# (as of 2026-11-27's second H200 session: ZeRO-2 and FSDP2 compiled with accumulation, XL at micro 32, the other levers).
+NEXT = ("small-best", "small-best-train.py", "xl-best", "small-zero2", "small-fsdp", "xl-m32", "xl-fsdp-gc-m16",
+        "small-whole-model-compile", "small-max-autotune", "medium-best", "large-best")
 
 
 def rows(*labels: str) -> list:

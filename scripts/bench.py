@@ -126,7 +126,7 @@ def write_profile(path: str, step_fn, device, label: str) -> None:
         f.write(f"## {label}\n\n" + prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70) + "\n\n")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small")
     p.add_argument("--backend", default="ddp", choices=["ddp", "zero2", "zero3", "fsdp"])
@@ -154,6 +154,11 @@ def main() -> None:
     p.add_argument("--sdpa", default="default", choices=["default", "cudnn", "flash", "efficient"],
                    help="pin scaled_dot_product_attention to one kernel")
     p.add_argument("--profile", default=None, help="write the top kernels of two profiled steps to this file")
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     a = p.parse_args()
     custom_compile = a.compile and (a.compile_scope != "blocks" or a.compile_mode)
     if custom_compile and a.backend != "ddp":

@@ -119,6 +119,15 @@ def train_losses(out: Path) -> list[tuple[int, float, float | None]]:
     return rows
 
 
+def e2e_args(model: str, corpus: Path, out: Path, extra: list[str]) -> list[str]:
+    """train.py's arguments for one end-to-end run (halted at HALT by the caller, then resumed to STEPS)."""
+    big = model in ("large", "xl")
+    shape = (["--seq-len", "128", "--global-batch-size", "8", "--micro-batch-size", "4", "--precision", "fp32"] if DRY else
+             ["--global-batch-size", "8" if big else "16", "--micro-batch-size", "8"])
+    return ["--model", model, "--init", "scratch", "--dataset", str(corpus), "--max-steps", str(STEPS), "--eval-every", str(HALT),
+            "--keep-last", "1", "--output-dir", str(out), *shape, *extra]
+
+
 class E2E:
     """One engine's halt -> resume -> reload sequence, run as a small state machine so several go side by side."""
 
@@ -127,11 +136,7 @@ class E2E:
         self.name, self.model, self.kind, self.res = name, model, kind, res
         self.out = root / name
         shutil.rmtree(self.out, ignore_errors=True)
-        big = model in ("large", "xl")
-        shape = (["--seq-len", "128", "--global-batch-size", "8", "--micro-batch-size", "4", "--precision", "fp32"] if DRY else
-                 ["--global-batch-size", "8" if big else "16", "--micro-batch-size", "8"])
-        self.cmd = [*launcher(kind, port), "--model", model, "--init", "scratch", "--dataset", str(corpus),
-                    "--max-steps", str(STEPS), "--eval-every", str(HALT), "--keep-last", "1", "--output-dir", str(self.out), *shape, *extra]
+        self.cmd = [*launcher(kind, port), *e2e_args(model, corpus, self.out, extra)]
         self.stages = [("halt", self.cmd + ["--halt-at-step", str(HALT)]), ("resume", self.cmd),
                        ("reload", [sys.executable, "-m", "greentext_dist.generate", str(self.out / "final"), "--prompt", "be me",
                                    "--num-samples", "2", "--max-new-tokens", "40", "--seed", "0"])]
@@ -220,22 +225,26 @@ def corpus_file() -> Path:
     return path if path.exists() else write_corpus(path, 400 if DRY else 4000)
 
 
-def e2e_small(res: Path) -> None:
-    corpus = corpus_file()
+# Small through each launcher and engine: (name, launcher, train.py flags, port for the launcher's rendezvous).
+SMALL_E2E = [("ddp-python", "python", [], 0), ("zero2-deepspeed", "deepspeed", ["--backend", "zero2"], 29511),
+             ("zero3-deepspeed", "deepspeed", ["--backend", "zero3"], 29512), ("fsdp-torchrun", "torchrun", ["--backend", "fsdp"], 0),
+             ("fsdp-accelerate", "accelerate", [], 29514)]
+XL_E2E = ("auto-deepspeed", "deepspeed", ["--final", "last"], 29515)  # no best/ beside two ~23 GiB checkpoints; auto = ZeRO-2
+
+
+def small_jobs(res: Path, corpus: Path, root: Path = WORK, skip: tuple[str, ...] = ()) -> list[E2E]:
     small = "tiny" if DRY else "small"
-    run_parallel([
-        E2E(f"{small}-ddp-python", small, "python", [], 0, corpus, res),
-        E2E(f"{small}-zero2-deepspeed", small, "deepspeed", ["--backend", "zero2"], 29511, corpus, res),
-        E2E(f"{small}-zero3-deepspeed", small, "deepspeed", ["--backend", "zero3"], 29512, corpus, res),
-        E2E(f"{small}-fsdp-torchrun", small, "torchrun", ["--backend", "fsdp"], 0, corpus, res),
-        E2E(f"{small}-fsdp-accelerate", small, "accelerate", [], 29514, corpus, res),
-    ], float(os.environ.get("E2E_SMALL_S", "180")))
+    return [E2E(f"{small}-{name}", small, kind, extra, port, corpus, res, root) for name, kind, extra, port in SMALL_E2E if name not in skip]
 
 
 def xl_e2e_job(res: Path, corpus: Path) -> E2E:
-    # --final last: no best/ copy beside the two step checkpoints (disk); `auto` is ZeRO-2 on one GPU.
     big = "tiny" if DRY else "xl"
-    return E2E(f"{big}-auto-deepspeed", big, "deepspeed", ["--final", "last"], 29515, corpus, res)
+    name, kind, extra, port = XL_E2E
+    return E2E(f"{big}-{name}", big, kind, extra, port, corpus, res)
+
+
+def e2e_small(res: Path) -> None:
+    run_parallel(small_jobs(res, corpus_file()), float(os.environ.get("E2E_SMALL_S", "180")))
 
 
 def e2e_xl(res: Path) -> None:
@@ -257,14 +266,8 @@ def small_root() -> Path:
 def e2e_together(res: Path) -> None:
     """Every correctness run at once, the GPU shared (their tokens/s are not timings): the flex gradient check,
     Small through each launcher (ZeRO-2 is XL's engine here) and `deepspeed train.py --model xl`."""
-    corpus = corpus_file()
-    small = "tiny" if DRY else "small"
-    root = small_root()
-    jobs = [xl_e2e_job(res, corpus),
-            E2E(f"{small}-ddp-python", small, "python", [], 0, corpus, res, root),
-            E2E(f"{small}-zero3-deepspeed", small, "deepspeed", ["--backend", "zero3"], 29512, corpus, res, root),
-            E2E(f"{small}-fsdp-torchrun", small, "torchrun", ["--backend", "fsdp"], 0, corpus, res, root),
-            E2E(f"{small}-fsdp-accelerate", small, "accelerate", [], 29514, corpus, res, root)]
+    corpus, root = corpus_file(), small_root()
+    jobs = [xl_e2e_job(res, corpus), *small_jobs(res, corpus, root, skip=("zero2-deepspeed",))]
     flex_proc = subprocess.Popen(flex_cmd(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     run_parallel(jobs, min(float(os.environ.get("E2E_S", "330")), BUDGET_S - elapsed() - 10))
     try:
@@ -352,15 +355,19 @@ def bench(res: Path, rows: list) -> None:
         record(res, {**row, "run": label, "wall_s": round(time.time() - t, 1)})
 
 
-def train_timing(res: Path, label: str, extra: list[str]) -> None:
-    """The small-best bench row's setting through train.py itself (real data, logging, guards): tokens/s after warm-up."""
-    corpus = corpus_file()
-    out = WORK / "timing"
-    shutil.rmtree(out, ignore_errors=True)
+def timing_args(corpus: Path, out: Path, extra: list[str]) -> list[str]:
+    """train.py's arguments for the first bench row's setting (real data, logging, guards), 30 steps."""
     shape = (["--model", "tiny", "--seq-len", "128", "--precision", "fp32", "--micro-batch-size", "2", "--global-batch-size", "8"] if DRY else
              ["--model", "small", "--micro-batch-size", "32", "--global-batch-size", "128"])
-    cmd = [sys.executable, "greentext_dist/train.py", *shape, "--init", "scratch", "--dataset", str(corpus), "--dropout", "0",
-           "--max-steps", "30", "--eval-every", "0", "--val-fraction", "0", "--output-dir", str(out), *extra]
+    return [*shape, "--init", "scratch", "--dataset", str(corpus), "--dropout", "0", "--max-steps", "30", "--eval-every", "0",
+            "--val-fraction", "0", "--output-dir", str(out), *extra]
+
+
+def train_timing(res: Path, label: str, extra: list[str]) -> None:
+    """The small-best bench row's setting through train.py itself (real data, logging, guards): tokens/s after warm-up."""
+    out = WORK / "timing"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "greentext_dist/train.py", *timing_args(corpus_file(), out, extra)]
     t = time.time()
     rc, text = run_capture(cmd, 200)
     steps = train_losses(out)

@@ -194,7 +194,7 @@ class E2E:
         return self.proc is not None
 
     def free_halt_checkpoint(self) -> None:
-        """XL only where the disk cannot hold two of its ~28 GB checkpoints: once the resumed run has trained past the
+        """XL only where the disk cannot hold two of its ~23 GiB checkpoints: once the resumed run has trained past the
         halt (so it has read the checkpoint), move the halt checkpoint out of the way, as a user would to cold storage."""
         halt = self.out / "checkpoints" / f"step-{HALT}"
         if self.result.get("halt_checkpoint_removed") or self.model not in ("large", "xl") or not halt.is_dir():

@@ -114,13 +114,13 @@ def peak_bytes(s: Shape, engine: str, gpus: int, micro: int, seq_len: int, check
     return {"states": held + grads, "activations": act, "peak": peak}
 
 
-def accumulation(global_batch: int | None, micro: int, gpus: int) -> int:
-    """Passes per optimizer step (the last one padded if needed); 2 (accumulating) when the global batch is not known."""
-    return 2 if global_batch is None else -(-global_batch // (micro * gpus))
+def accumulation(global_batch: int, micro: int, gpus: int) -> int:
+    """Passes per optimizer step: the global batch over micro x GPUs, the last pass padded if it does not divide."""
+    return -(-global_batch // (micro * gpus))
 
 
 def largest_micro(s: Shape, engine: str, gpus: int, budget: float, seq_len: int, checkpointing: bool, precision: str = "bf16",
-                  compiled: bool = False, global_batch: int | None = None) -> int:
+                  compiled: bool = False, *, global_batch: int) -> int:
     fits = lambda b: peak_bytes(s, engine, gpus, b, seq_len, checkpointing, precision, compiled,  # noqa: E731
                                 accumulation(global_batch, b, gpus))["peak"] <= budget
     b = 0
@@ -141,17 +141,17 @@ def plan_engine(model: str, engine: str, gpus: int, gpu_memory_gib: float, *, se
         row["max_micro_gc" if gc else "max_micro"] = best
     gc = row["max_micro"] == 0 or (micro is not None and micro > row["max_micro"])
     b = micro or pick_micro(global_batch, gpus, row["max_micro_gc" if gc else "max_micro"])
-    mem = peak_bytes(s, engine, gpus, b, seq_len, gc, compiled=compiled, grad_accum=accumulation(global_batch, b, gpus))
+    accum = accumulation(global_batch, b, gpus)
+    mem = peak_bytes(s, engine, gpus, b, seq_len, gc, compiled=compiled, grad_accum=accum)
     held, grads = model_states(s, engine, gpus)
     n_no_pos = s.n_params - POSITIONS * s.n_embd
     flops = flops_per_token(n_no_pos, s.n_layer, s.n_embd, seq_len)
     slow = engine == "zero3" and gpus == 1
-    per_pass = b * gpus
-    rows = -(-global_batch // per_pass) * per_pass  # the global batch and any padding of the last pass
+    rows = accum * b * gpus  # the global batch and any padding of the last pass
     step_s = rows * seq_len * flops / (gpus * peak_tflops * 1e12 * (min(mfu, ZERO3_ONE_GPU_MFU) if slow else mfu))
     row.update(
         checkpointing=gc, micro=b, fits=mem["peak"] <= budget,
-        grad_accum=rows // per_pass, padding=rows - global_batch,
+        grad_accum=accum, padding=rows - global_batch,
         params_grads_optim_gib=(held + grads) / GIB, activations_gib=mem["activations"] / GIB,
         activations_nogc_gib=activations(s, engine, b, seq_len, False, compiled=compiled) / GIB,
         activations_gc_gib=activations(s, engine, b, seq_len, True, compiled=compiled) / GIB,
@@ -169,7 +169,7 @@ def pick_micro(global_batch: int, gpus: int, cap: int) -> int:
     exact = max((m for m in range(1, cap + 1) if global_batch % (m * gpus) == 0), default=0)
     if 2 * exact >= cap:
         return exact
-    rows = lambda m: -(-global_batch // (m * gpus)) * m * gpus  # noqa: E731
+    rows = lambda m: accumulation(global_batch, m, gpus) * m * gpus  # noqa: E731
     return max((m for m in range(1, cap + 1) if rows(m) - global_batch <= 0.05 * rows(m)), default=exact or 1)
 
 

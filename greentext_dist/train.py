@@ -120,7 +120,7 @@ def plan_run(cfg: Config, env: DistEnv, corpus: Corpus) -> Plan:
                         f"use at least {env.world_size}, best a multiple of micro-batch x ranks = {per_pass}")
     # Any global batch on any number of ranks: the step's last pass may hold fewer rows than micro x ranks, and is
     # padded with rows that have no targets (same shapes on every rank; the loss counts targets, so no change).
-    grad_accum = -(-t.global_batch_size // per_pass)
+    grad_accum = planner.accumulation(t.global_batch_size, t.micro_batch_size, env.world_size)
     if corpus.rows == 0:
         raise UserError(
             f"the training data ({corpus.tokens} tokens) is shorter than one row of --seq-len {cfg.data.seq_len}",
@@ -226,7 +226,7 @@ def print_summary(run: "Run", sources: dict) -> None:
     if mem.budget and mem.peak > 0.95 * mem.budget:
         s, budget = mem.shape, 0.9 * mem.budget
         fit = planner.largest_micro(s, mem.key, env.world_size, budget, d.seq_len, bool(cfg.model.gradient_checkpointing), t.precision,
-                                    cfg.model.compile, t.global_batch_size)
+                                    cfg.model.compile, global_batch=t.global_batch_size)
         log.warning(f"likely out of memory: planned peak {mem.peak / 2**30:.1f} GiB on a {mem.budget / 2**30:.0f} GiB GPU. "
                     + (f"Try --micro-batch-size {fit}" if fit else "Try --gradient-checkpointing, --backend zero3/fsdp or --offload")
                     + f" (see python -m greentext_dist.plan --model {cfg.model.model} --gpus {env.world_size}).")

@@ -71,14 +71,11 @@ def uses_flex(model) -> bool:
 
 def check(attention: str, packing: str, dropout: float, device: torch.device | None = None) -> None:
     """Refuse --attention flex where it would do nothing or cannot train (the device, once it is known)."""
+    from greentext_dist.config import check_attention
+
+    check_attention(attention, packing, dropout)
     if attention != "flex":
         return
-    if packing != "isolated":
-        raise UserError("--attention flex only changes how posts are kept apart under --packing isolated (concat packing "
-                        "already runs SDPA's causal flash kernel)", "add --packing isolated, or drop --attention flex")
-    if dropout > 0:
-        raise UserError(f"--attention flex cannot apply attention dropout (--dropout {dropout:g}): FlexAttention has none",
-                        "pass --dropout 0 with it, or keep --attention sdpa")
     if device is not None and device.type != "cuda":
         raise UserError(f"--attention flex cannot train on {device.type}: PyTorch's FlexAttention has a backward pass on GPUs only",
                         "drop --attention flex here (it is a GPU speed option)")

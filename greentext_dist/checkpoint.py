@@ -137,13 +137,32 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
 
 
 def find_resumable(root: Path) -> Path | None:
-    """Newest intact checkpoint; a damaged newer one is reported and skipped, never silently ignored."""
-    for step, path in reversed(step_dirs(root)):
+    """Newest intact checkpoint. A damaged newer one is reported and moved out of the rotation (kept as damaged-step-N,
+    never deleted); with checkpoints present but none intact, the run stops: starting over would throw the run away."""
+    dirs = step_dirs(root)
+    damaged = []
+    for step, path in reversed(dirs):
         problem = verify(path)
         if problem is None:
-            return path
-        log.warning(f"checkpoint {path} is unusable: {problem}; falling back to an older one")
-    return None
+            break
+        damaged.append((path, problem))
+    else:
+        path = None
+    if damaged and path is None:
+        what = "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
+        raise UserError(f"no usable checkpoint in {root} ({what})",
+                        "restore the damaged files (from a backup, or the disk or node that wrote them) and rerun the same command; "
+                        "or start over in a new folder (--output-dir NEW), or here with --resume never --overwrite (which moves "
+                        f"them into {root.parent / 'overwritten'}, nothing is deleted)")
+    for p, problem in damaged:
+        kept = p.with_name(f"damaged-{p.name}")
+        n = 1
+        while kept.exists():
+            kept, n = p.with_name(f"damaged-{p.name}.{n}"), n + 1
+        os.replace(p, kept)
+        log.warning(f"checkpoint {p.name} is unusable ({problem}): resuming from {path.name} instead. The damaged one is kept as "
+                    f"{kept} (outside the rotation); restore it and rename it back to resume from it, or delete it when you no longer need it")
+    return path
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -155,16 +174,16 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     if STEP_DIR.match(path.name) is None and (path / "checkpoints").is_dir():
         found = find_resumable(path / "checkpoints")  # a run folder was given
         if found is None:
-            raise UserError(f"--resume {resume} holds no intact checkpoint", "pass a checkpoints/step-N folder, or --resume never")
+            raise UserError(f"--resume {resume} holds no checkpoint", "pass a checkpoints/step-N folder, or --resume never")
         return found
     if not path.is_dir():
         raise UserError(f"--resume {resume} does not exist", "pass OUT/checkpoints/step-N, auto or never")
     if not (path / TRAIN_STATE / "trainer.json").is_file():
         raise UserError(f"--resume {resume} holds no training state (an exported model, not a checkpoint)",
-                        f"resume from OUT/checkpoints/step-N, or start a new run from these weights: --model-path {resume} --resume never")
+                        f"resume from OUT/checkpoints/step-N, or start a new run from these weights: --output-dir NEW --model-path {resume}")
     problem = verify(path)
     if problem:
-        raise UserError(f"checkpoint {resume} is unusable: {problem}", "resume from an older step-N folder")
+        raise UserError(f"checkpoint {resume} is unusable: {problem}", "restore the damaged file, or resume from an older step-N folder")
     return path
 
 
@@ -192,15 +211,12 @@ def save_checkpoint(engine, root: Path, step: int, trainer_state: dict, tokenize
         tokenizer.save_pretrained(tmp)
         (tmp / TRAIN_STATE / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
         write_manifest(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        _replace_dir(tmp, final)  # a re-save of the same step (e.g. after resume) replaces it whole
         atomic_write_text(root / "latest", final.name + "\n")
         others = [d for _, d in step_dirs(root) if d != final]  # by step number; never the one just written
         for old in others[:max(0, len(others) - (keep_last - 1))]:
             # Renamed first, so a kill mid-delete never leaves a half-deleted folder that looks like a checkpoint.
-            gone = root / f".del-{old.name}"
+            gone = root / f".rot-{old.name}"
             os.replace(old, gone)
             shutil.rmtree(gone, ignore_errors=True)
 
@@ -225,14 +241,23 @@ def save_best(engine, root: Path, step: int, val_loss: float, tokenizer, max_sha
         tokenizer.save_pretrained(tmp)
         (tmp / "best.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
         write_manifest(tmp)
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        _fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
+        _replace_dir(tmp, dest, old)
 
     _collectively(publish_on_rank0, env, tmp, step)
     return dest
+
+
+def _replace_dir(new: Path, dest: Path, old: Path | None = None) -> None:
+    """Put the complete folder `new` at `dest`. The folder it replaces is renamed away first and deleted only after
+    the new one is in place, so a kill at any moment leaves a complete copy under `dest`, `new` or `old`
+    (remove_partial_saves puts it back)."""
+    old = old or dest.with_name(f".del-{dest.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    _fsync_dir(dest.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _collectively(fn, env, tmp: Path, step: int) -> None:
@@ -268,20 +293,30 @@ def _collectively(fn, env, tmp: Path, step: int) -> None:
 
 
 def remove_partial_saves(root: Path) -> None:
-    """Temporary folders of saves that a killed run never finished (the lock says no one else is writing)."""
-    if root.is_dir():
-        for p in root.glob(".tmp-step-*"):
-            log.warning(f"removing {p}: a save that did not finish")
-            shutil.rmtree(p, ignore_errors=True)
-        for p in root.glob(".del-step-*"):  # rotation that was interrupted
-            shutil.rmtree(p, ignore_errors=True)
-        best = root / "best"
-        if not best.exists():  # killed between the two renames of save_best: keep whichever copy is complete
-            for candidate in (root / ".tmp-best", root / ".del-best"):
-                if candidate.is_dir() and verify(candidate) is None:
-                    os.replace(candidate, best)
-                    break
-        for p in (root / ".tmp-best", root / ".del-best"):
+    """Clear what a killed run left half-done (the lock says no one else is writing). A folder is deleted only when a
+    complete copy of it exists: a save killed between its renames (see _replace_dir) is finished instead."""
+    if not root.is_dir():
+        return
+    for name in [p.name for _, p in step_dirs(root)] + [m.group(1) for p in root.iterdir() if (m := re.match(r"^\.(?:tmp|del)-(step-\d+)$", p.name))]:
+        _recover(root, name, root / f".tmp-{name}", root / f".del-{name}")
+    _recover(root, "best", root / ".tmp-best", root / ".del-best")
+    for p in root.glob(".rot-step-*"):  # a rotation that was interrupted: that checkpoint was being deleted anyway
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _recover(root: Path, name: str, tmp: Path, old: Path) -> None:
+    dest = root / name
+    if not dest.exists():
+        # Killed between the renames of _replace_dir: the new copy if it is complete, else the one it was replacing.
+        for candidate in (tmp, old):
+            if candidate.is_dir() and verify(candidate) is None:
+                log.warning(f"{dest}: finishing a save that was interrupted after it was complete ({candidate.name})")
+                os.replace(candidate, dest)
+                break
+    for p in (tmp, old):
+        if p.is_dir():
+            if p == tmp:
+                log.warning(f"removing {p}: a save that did not finish")
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -300,9 +335,7 @@ def publish_final(ckpt: Path, dest: Path, extra: dict[str, str] | None = None) -
     for name, text in (extra or {}).items():
         (tmp / name).write_text(text)
     write_manifest(tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    _replace_dir(tmp, dest)
 
 
 def read_trainer_state(ckpt: Path) -> dict:

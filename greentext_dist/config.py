@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import tomllib
 import types
@@ -17,7 +18,18 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from greentext_dist.errors import UserError, first_line
+from greentext_dist.errors import OneLineParser, UserError, first_line
+
+
+# name -> (hub id, layers, width, heads). All: context 1024, vocab 50,257.
+PRESETS = {
+    "tiny": (None, 2, 64, 4),  # ~3.4M params, almost all in the embedding; for tests and the CPU demo
+    "small": ("gpt2", 12, 768, 12),
+    "medium": ("gpt2-medium", 24, 1024, 16),
+    "large": ("gpt2-large", 36, 1280, 20),
+    "xl": ("gpt2-xl", 48, 1600, 25),
+}
+
 
 
 def _f(default, help: str, choices=None):
@@ -126,13 +138,12 @@ def _field_types(section_cls) -> dict:
 REMOVED = {"shuffle_buffer": "each epoch is now a full seeded permutation of the posts (the token store), so there is no buffer"}
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(OneLineParser):
     def error(self, message: str):
-        # One line that names the problem and the fix, not a usage dump.
         for name, why in REMOVED.items():
             if f"--{name.replace('_', '-')}" in message:
                 raise UserError(f"--{name.replace('_', '-')} was removed: {why}", f"drop --{name.replace('_', '-')} from the command")
-        raise UserError(f"bad command line: {message}", f"see `{self.prog} --help`")
+        super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
             shown = "" if f.default in (None, dataclasses.MISSING) or "default:" in f.metadata["help"] else f" (default: {f.default})"
             kw = dict(dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS, help=f.metadata["help"] + shown)
             if f.name == "backend":
-                from greentext_dist.engines import ENGINES  # the registry is the one list of engines
+                from greentext_dist.engines import NAMES  # the registry is the one list of engines
 
-                kw["choices"] = ["auto", *ENGINES]
+                kw["choices"] = ["auto", *NAMES]
             if tp is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             elif typing.get_origin(tp) is list:
@@ -181,8 +192,8 @@ def _apply(cfg: Config, section: str, name: str, value, source: str) -> None:
     if sec is None or name not in {f.name for f in dataclasses.fields(sec)}:
         raise UserError(f"{source}: unknown setting '{section}.{name}'", "check the spelling against `--help`")
     tp = _field_types(type(sec))[name]
-    if value is not None and tp is float and isinstance(value, int):
-        value = float(value)
+    if tp in (int, float) and not isinstance(value, bool):
+        value = _number(value, tp)
     if typing.get_origin(tp) is list:
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise UserError(f"{source}: '{section}.{name}' must be a list of strings, got {value!r}", 'write e.g. ["hellaswag=0.1"]')
@@ -190,6 +201,21 @@ def _apply(cfg: Config, section: str, name: str, value, source: str) -> None:
         what = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, tp.__name__)
         raise UserError(f"{source}: '{section}.{name}' must be {tp.__name__}, got {value!r}", f"write {what}")
     setattr(sec, name, value)
+
+
+def _number(value, tp: type):
+    """YAML 1.1 (PyYAML) reads `1e-3` and `5e3` as strings, and people write them in every format: a string that is a
+    number is taken as one. Anything else is returned as it is, for the type check to name."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip().replace("_", ""))
+        except ValueError:
+            return value
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def load_file(path: str) -> dict:
@@ -260,6 +286,31 @@ def accelerate_settings(env=None) -> dict[tuple[str, str], object]:
     return out
 
 
+def setting_types() -> dict[str, type]:
+    """Every setting's name (a flag without its dashes, a keyword of train(...)) and type."""
+    return {"config": str} | {name: tp for section in dataclasses.fields(Config) for name, tp in _field_types(section.default_factory).items()}
+
+
+def as_keywords(e: UserError) -> UserError:
+    """The same error for a caller of train(...): settings named as keywords (lr=), not flags (--lr)."""
+    import re
+
+    names = set(setting_types())
+
+    def kw(m: re.Match) -> str:
+        name = m.group(2).replace("-", "_")
+        if m.group(1) and name in names:
+            return f"{name}=False"
+        return f"{name}=" if name in names else m.group(0)
+
+    word = lambda t: re.sub(r"--(no-)?([a-z][a-z0-9-]*)", kw, t).replace("bad command line", "bad setting")  # noqa: E731
+    help_ = f"see `{build_parser().prog} --help`"
+    return UserError(word(e.problem), word(e.fix.replace(help_, "\0")).replace("\0", API_HELP))
+
+
+API_HELP = "every flag of `greentext-train --help` is a keyword: --max-steps 3 is max_steps=3"
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     return parse_args_with_sources(argv)[0]
 
@@ -319,6 +370,12 @@ def validate(cfg: Config) -> None:
     for flag in ("max_steps", "epochs", "halt_at_step", "eval_batches", "peak_tflops"):
         if getattr(t, flag) is not None:
             positive["--" + flag.replace("_", "-")] = getattr(t, flag)
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(section.default_factory):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                flag = "--" + f.name.replace("_", "-")
+                raise UserError(f"{flag} must be a finite number, got {value}", f"pass a number to {flag}")
     for flag, value in positive.items():
         if value <= 0:
             raise UserError(f"{flag} must be positive, got {value}", f"pass a value above 0 to {flag}")
@@ -328,13 +385,8 @@ def validate(cfg: Config) -> None:
                         "--warmup-steps": o.warmup_steps or 0, "--prefetch": d.prefetch}.items():
         if value < 0:
             raise UserError(f"{flag} must not be negative, got {value}", f"pass 0 or more to {flag}")
-    from greentext_dist.attention import check
-
-    check(cfg.model.attention, d.packing, cfg.model.dropout)
-    if d.mix:
-        from greentext_dist.data import parse_mix
-
-        parse_mix(d.mix)
+    check_attention(cfg.model.attention, d.packing, cfg.model.dropout)
+    parse_mix(d.mix)
     from greentext_dist.tracking import parse_report_to
 
     parse_report_to(t.report_to)
@@ -347,11 +399,40 @@ def validate(cfg: Config) -> None:
             raise UserError(f"{flag} must be in [0, 1), got {value}", "use AdamW's usual 0.9 (--beta1) and 0.999 (--beta2)")
     if not 0 <= t.seed < 2**32:
         raise UserError(f"--seed must be in [0, 2**32), got {t.seed}", "pass e.g. --seed 0")
-    check_shard_size(cfg.checkpoint.max_shard_size)
     if o.min_lr > o.lr:
         raise UserError(f"--min-lr {o.min_lr} is above --lr {o.lr}", "lower --min-lr")
     if cfg.model.model == "tiny" and cfg.model.init == "pretrained" and not cfg.model.model_path:
         raise UserError("--model tiny has no pretrained weights", "use --init scratch, or --model-path DIR")
+
+
+def check_attention(attention: str, packing: str, dropout: float) -> None:
+    """Refuse --attention flex where it would do nothing or cannot train (attention.check adds the device's say)."""
+    if attention != "flex":
+        return
+    if packing != "isolated":
+        raise UserError("--attention flex only changes how posts are kept apart under --packing isolated (concat packing "
+                        "already runs SDPA's causal flash kernel)", "add --packing isolated, or drop --attention flex")
+    if dropout > 0:
+        raise UserError(f"--attention flex cannot apply attention dropout (--dropout {dropout:g}): FlexAttention has none",
+                        "pass --dropout 0 with it, or keep --attention sdpa")
+
+
+def parse_mix(specs: list[str]) -> list[tuple[str, float]]:
+    """--mix NAME_OR_PATH=WEIGHT (repeatable): each weight is that source's share of the posts read; the
+    main --dataset gets the rest."""
+    out = []
+    for spec in specs:
+        name, _, weight = spec.rpartition("=")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = -1.0
+        if not name or not 0 < w < 1:
+            raise UserError(f"--mix {spec!r} is not NAME_OR_PATH=WEIGHT with a weight between 0 and 1", "write e.g. --mix hellaswag=0.1")
+        out.append((name, w))
+    if sum(w for _, w in out) >= 1:
+        raise UserError(f"--mix weights add up to {sum(w for _, w in out):g}, leaving nothing for --dataset", "keep their sum below 1")
+    return out
 
 
 def check_shard_size(size: str) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from greentext_dist.attention import dense_doc_mask, flex_doc_mask
+from greentext_dist.config import parse_mix
 from greentext_dist.errors import UserError
 from greentext_dist.hub import hub_offline, is_local
 from greentext_dist.store import background, folder_splits, local_files
@@ -160,24 +161,6 @@ def text_getter(example: dict, text_field: str | None, source: str) -> Callable[
 
     get.batch = lambda b: [join(parts) for parts in zip(*(b[f] for f in fields))]  # a batch of columns, ~10x faster
     return get
-
-
-def parse_mix(specs: list[str]) -> list[tuple[str, float]]:
-    """--mix NAME_OR_PATH=WEIGHT (repeatable): each weight is that source's share of the posts read; the
-    main --dataset gets the rest."""
-    out = []
-    for spec in specs:
-        name, _, weight = spec.rpartition("=")
-        try:
-            w = float(weight)
-        except ValueError:
-            w = -1.0
-        if not name or not 0 < w < 1:
-            raise UserError(f"--mix {spec!r} is not NAME_OR_PATH=WEIGHT with a weight between 0 and 1", "write e.g. --mix hellaswag=0.1")
-        out.append((name, w))
-    if sum(w for _, w in out) >= 1:
-        raise UserError(f"--mix weights add up to {sum(w for _, w in out):g}, leaving nothing for --dataset", "keep their sum below 1")
-    return out
 
 
 def open_mix_source(name: str, text_field: str | None, revision: str | None = None) -> IterableDataset:
@@ -403,7 +386,7 @@ class DataState:
     def from_dict(cls, d: dict, where: object = "the checkpoint") -> DataState:
         if set(d) != {"epoch", "row", "rows"}:
             raise UserError(f"{where} holds a data position from before the token store (fields {sorted(d)}), which cannot be seeked to",
-                            f"start a new run from its weights: --model-path {where} --resume never")
+                            f"start a new run from its weights in a new folder: --output-dir NEW --model-path {where}")
         return cls(**d)
 
 

@@ -15,10 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from greentext_dist.engines.base import autocast
-from greentext_dist.errors import UserError
+from greentext_dist.errors import OneLineParser, UserError
 from greentext_dist.rundir import writable_file
 from greentext_dist.ui import console, fail, results, setup_logging
 
@@ -26,8 +23,10 @@ from greentext_dist.ui import console, fail, results, setup_logging
 def val_loss(model, tokenizer, a, env) -> dict:
     """The training definition: the same held-out posts (hash split), packing, and token-sum / token-count."""
     import numpy as np
+    import torch
 
     from greentext_dist.data import val_batches, validation_rows
+    from greentext_dist.engines.base import autocast
     from greentext_dist.loss import mean_token_loss
     from greentext_dist.model import lm_logits, true_vocab
 
@@ -59,6 +58,7 @@ def dataset_store(a, tokenizer, env):
 
 def hellaswag(model, tokenizer, a, env) -> dict:
     from greentext_dist.dist import on_main
+    from greentext_dist.engines.base import autocast
     from greentext_dist.hellaswag import evaluate_hellaswag, load_items
 
     items = on_main(load_items, a.data, limit=a.limit)  # read (or downloaded) once, handed to every rank
@@ -67,6 +67,9 @@ def hellaswag(model, tokenizer, a, env) -> dict:
 
 
 def robustness(model, tokenizer, a, env) -> dict:
+    import torch
+
+    from greentext_dist.engines.base import autocast
     from greentext_dist.generate import as_greentext, check_fits, generate_batch
     from greentext_dist.robustness import DEVIATION_PROMPTS, GREENTEXT_PROMPTS, corpus_automaton, summarise
 
@@ -111,7 +114,7 @@ def robustness_markdown(result: dict, checkpoint: str, shown: int = 2) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="greentext_dist.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="greentext_dist.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final) or hub id (e.g. gpt2)")
     p.add_argument("--task", required=True, choices=["val-loss", "hellaswag", "robustness"])
     p.add_argument("--log-samples", default=None, help="hellaswag: write each item's scores (log-probs, picks, acc, acc_norm) to this .jsonl")
@@ -153,10 +156,12 @@ def report_path(a) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_or_exit(argv)
+    import torch
+
     from greentext_dist.dist import init_distributed, on_main
     from greentext_dist.generate import check_sampling, load
 
-    a = build_parser().parse_args(argv)
     env = init_distributed()
     setup_logging(env.rank)
     try:

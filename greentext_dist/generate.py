@@ -10,24 +10,20 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from rich.text import Text
-
-from greentext_dist.data import one_newline
-from greentext_dist.errors import UserError
-from greentext_dist.hub import shared_download
-from greentext_dist.model import check_gpt2_dir, load_weights, true_vocab
+from greentext_dist.errors import OneLineParser, UserError
 from greentext_dist.rundir import writable_file
-from greentext_dist.tokenizer import load_tokenizer
 from greentext_dist.ui import fail, results, setup_logging
+
+# torch, transformers and the model load inside the functions that need them: `--help` and a bad flag answer at once.
 
 
 def as_greentext(prompt: str) -> str:
     """Prompts are written without '>': 'be me\\ngo outside' -> '>be me\\n>go outside' (any line ending, as in training)."""
+    from greentext_dist.data import one_newline
+
     return "\n".join(line if line.startswith(">") else ">" + line for line in one_newline(prompt).split("\n"))
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompt: str, *, num_samples: int = 4, max_new_tokens: int = 200, temperature: float = 0.8,
              top_k: int = 50, top_p: float = 0.95, seed: int = 0, prefix: str | None = None, include_prefix: bool = True,
              synced_gpus: bool = False) -> list[str]:
@@ -40,11 +36,14 @@ def generate(model, tokenizer, prompt: str, *, num_samples: int = 4, max_new_tok
     return out
 
 
-@torch.no_grad()
 def generate_batch(model, tokenizer, texts: list[str], *, num_samples: int = 1, max_new_tokens: int = 200, temperature: float = 0.8,
                    top_k: int = 50, top_p: float = 0.95, seed: int = 0, synced_gpus: bool = False) -> list[list[str]]:
     """Raw texts (already formatted) -> num_samples continuations each, all in one left-padded batch.
     Every text starts after <|endoftext|>, as every post does in training. temperature 0 is greedy."""
+    import torch
+
+    from greentext_dist.model import true_vocab
+
     check_sampling(temperature, top_k, top_p)
     check_fits(model, tokenizer, texts, max_new_tokens)
     eos = tokenizer.eos_token_id
@@ -54,7 +53,7 @@ def generate_batch(model, tokenizer, texts: list[str], *, num_samples: int = 1, 
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
     torch.manual_seed(seed)
     sampling = temperature > 0
-    out = model.generate(
+    out = model.generate(  # generate() runs under no_grad itself
         input_ids, attention_mask=attention_mask, do_sample=sampling, temperature=temperature if sampling else None,
         top_k=(top_k or None) if sampling else None, top_p=top_p if sampling else None, max_new_tokens=max_new_tokens,
         eos_token_id=eos, pad_token_id=eos, use_cache=True, synced_gpus=synced_gpus,
@@ -87,6 +86,8 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
 
 
 def show(samples: list[str]) -> None:
+    from rich.text import Text
+
     for i, s in enumerate(samples):
         results.rule(f"sample {i + 1}", style="dim")
         for line in s.split("\n"):
@@ -96,6 +97,12 @@ def show(samples: list[str]) -> None:
 def load(ckpt: str, device: str | None = None):
     """A local HF GPT-2 directory or a hub repo. Collective under a process group (evaluate's ranks): rank 0
     downloads a hub repo once for all of them."""
+    import torch
+
+    from greentext_dist.hub import shared_download
+    from greentext_dist.model import check_gpt2_dir, load_weights
+    from greentext_dist.tokenizer import load_tokenizer
+
     ckpt = shared_download(ckpt)
     check_gpt2_dir(ckpt, "checkpoint")
     tok_source = ckpt if (Path(ckpt) / "tokenizer_config.json").exists() else "gpt2"
@@ -108,7 +115,7 @@ def load(ckpt: str, device: str | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="greentext_dist.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="greentext_dist.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final or out/checkpoints/step-N) or hub id (e.g. gpt2)")
     p.add_argument("--prompt", default="be me", help="opening lines, without '>', separated by newlines or a typed \\n "
                    "(--prompt 'be me\\nwork at a bank'); empty: unconditional")
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", default=None, help="raw text placed before the prompt, as gpt-2-simple's prefix")
     p.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=True, help="keep the prefix in the output")
     p.add_argument("--output", default=None, help="also write samples to this .jsonl file")
-    a = p.parse_args(argv)
+    a = p.parse_or_exit(argv)
     a.prompt = a.prompt.replace("\\n", "\n")  # a shell passes "be me\ngo outside" with a backslash and an n
     setup_logging(0)
     try:

@@ -5,22 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from greentext_dist.checkpoint import atomic_write_text
+
 
 class MetricsLog:
+    """Created at its first line (no empty samples.jsonl when nothing is sampled). On resume, the lines after the
+    resumed step are dropped (they will be redone); on a fresh start, the file is emptied. Both atomically."""
+
     def __init__(self, path: Path, resume_step: int | None, enabled: bool, trackers=None):
         self.path, self.enabled, self.trackers = path, enabled, trackers
-        if not enabled:
+        if not enabled or not path.exists():
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            path.write_text("")
-        elif path.exists():
-            # Lines after the resumed checkpoint belong to a run that was interrupted; they will be redone.
-            kept = [json.dumps(r) for r in read_metrics(path) if r.get("step", 0) <= resume_step]
-            path.write_text("".join(l + "\n" for l in kept))
+        kept = [] if resume_step is None else [json.dumps(r) for r in read_metrics(path) if r.get("step", 0) <= resume_step]
+        atomic_write_text(path, "".join(l + "\n" for l in kept))
 
     def write(self, **record) -> None:
         if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if self.trackers:

@@ -10,19 +10,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from greentext_dist.attention import register, uses_flex
-from greentext_dist.config import ModelConfig
+from greentext_dist.config import PRESETS, ModelConfig
 from greentext_dist.errors import UserError, first_line
 from greentext_dist.hub import MODEL_FILES, download, is_local, shared_download
-
-# name -> (hub id, layers, width, heads). All: context 1024, vocab 50,257.
-PRESETS = {
-    "tiny": (None, 2, 64, 4),  # ~3.4M params, almost all in the embedding; for tests and the CPU demo
-    "small": ("gpt2", 12, 768, 12),
-    "medium": ("gpt2-medium", 24, 1024, 16),
-    "large": ("gpt2-large", 36, 1280, 20),
-    "xl": ("gpt2-xl", 48, 1600, 25),
-}
-
 
 def init_kind(cfg: ModelConfig) -> str:
     return cfg.init or ("scratch" if cfg.model == "tiny" else "pretrained")

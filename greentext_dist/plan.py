@@ -18,8 +18,9 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+from greentext_dist.config import PRESETS
+from greentext_dist.errors import OneLineParser
 from greentext_dist.perf import flops_per_token
-from greentext_dist.model import PRESETS
 
 VOCAB, POSITIONS = 50257, 1024
 GIB = 2**30
@@ -114,6 +115,14 @@ def peak_bytes(s: Shape, engine: str, gpus: int, micro: int, seq_len: int, check
     return {"states": held + grads, "activations": act, "peak": peak}
 
 
+def cpu_extra(s: Shape, micro: int, seq_len: int, n_head: int, dropout: float) -> float:
+    """What a CPU run holds beyond the GPU plan (calibrated on tiny and small, fp32, within ~10% of the measured peak
+    RSS): with dropout, SDPA takes its math path and keeps the attention probabilities and their dropout mask (~12
+    bytes per layer x row x head x query x key), and AdamW's foreach update allocates a parameter-sized temporary."""
+    attention = 12.0 * s.n_layer * micro * n_head * seq_len**2 if dropout > 0 else 0.0
+    return attention + 4.0 * s.n_params
+
+
 def accumulation(global_batch: int, micro: int, gpus: int) -> int:
     """Passes per optimizer step: the global batch over micro x GPUs, the last pass padded if it does not divide."""
     return -(-global_batch // (micro * gpus))
@@ -174,7 +183,7 @@ def pick_micro(global_batch: int, gpus: int, cap: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="greentext_dist.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="greentext_dist.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="xl", choices=[m for m in PRESETS if m != "tiny"] + ["tiny"])
     p.add_argument("--gpus", type=int, default=8, help="GPUs in total")
     p.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU")
@@ -184,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="plan for --compile (fused GELU and loss: fewer saved activations)")
     p.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation for the step time")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 peak (H100 SXM / H200: 989)")
-    a = p.parse_args(argv)
+    a = p.parse_or_exit(argv)
     if a.gpus < 1 or a.gpu_memory <= 0 or not 0 < a.mfu <= 1:
         print("error: --gpus must be >= 1, --gpu-memory > 0 and --mfu in (0, 1]. Fix: pass valid values.", file=sys.stderr)
         return 2

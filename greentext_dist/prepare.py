@@ -14,14 +14,14 @@ import logging
 import sys
 
 from greentext_dist.config import DataConfig, ModelConfig
-from greentext_dist.errors import UserError
+from greentext_dist.errors import OneLineParser, UserError
 from greentext_dist.ui import fail, results, setup_logging
 
 log = logging.getLogger("greentext_dist")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="greentext_dist.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="greentext_dist.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d, m = DataConfig(), ModelConfig()
     p.add_argument("--dataset", default=d.dataset,
                    help=f"hub id, local file (.jsonl .json .txt .parquet .csv .arrow) or folder, also a save_to_disk one (default: {d.dataset})")
@@ -36,10 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_or_exit(argv)
     from greentext_dist.data import cache_dir, parse_mix, prepare_source
     from greentext_dist.tokenizer import load_tokenizer
 
-    a = build_parser().parse_args(argv)
     setup_logging(0)
     try:
         tokenizer = load_tokenizer(a.tokenizer)

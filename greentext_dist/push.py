@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from greentext_dist.errors import UserError, first_line
+from greentext_dist.errors import OneLineParser, UserError, first_line
 from greentext_dist.hub import hub_offline
-from greentext_dist.model import check_gpt2_dir
 from greentext_dist.ui import console, fail
 
 
@@ -18,6 +17,7 @@ def push(folder: str, repo_id: str, private: bool = False) -> str:
     from pathlib import Path
 
     from greentext_dist.checkpoint import MANIFEST, verify
+    from greentext_dist.model import check_gpt2_dir
 
     check_gpt2_dir(folder, "folder")
     if (Path(folder) / MANIFEST).is_file() and (problem := verify(Path(folder))):  # never publish a damaged model
@@ -45,11 +45,11 @@ def push(folder: str, repo_id: str, private: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="greentext_dist.push", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="greentext_dist.push", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a model folder, e.g. OUT/final")
     p.add_argument("--repo-id", required=True, help="NAME or USER/NAME on the hub")
     p.add_argument("--private", action="store_true")
-    a = p.parse_args(argv)
+    a = p.parse_or_exit(argv)
     try:
         console.print(f"[green]pushed:[/] {push(a.folder, a.repo_id, a.private)}")
         return 0

@@ -19,6 +19,7 @@ def plot_losses(rows: list[dict], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         log.info("matplotlib is not installed: skipped loss.png (pip install 'greentext_dist[plot]')")
         return False
@@ -29,11 +30,14 @@ def plot_losses(rows: list[dict], path: Path) -> bool:
     for ax, key, label in ((axes[0], "step", "optimizer step"), (axes[1], "tokens", "tokens seen")):
         ax.plot([r[key] for r in train], [r["loss"] for r in train], label="train")
         vx = [r["step"] if key == "step" else tokens_at.get(r["step"]) for r in val]
-        ax.plot([x for x in vx if x is not None], [r["val_loss"] for r, x in zip(val, vx) if x is not None], "o-", label="validation")
+        if val:
+            ax.plot([x for x in vx if x is not None], [r["val_loss"] for r, x in zip(val, vx) if x is not None], "o-", label="validation")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and tokens are whole numbers, even on a 3-step run
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss (nats / token)")
-    axes[0].legend()
+    if val:
+        axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -120,7 +124,7 @@ def model_card(out: Path, cfg, base: str, *, base_commit: str | None = None, cor
         "## Use", "",
         "```python",
         "from transformers import pipeline",
-        'print(pipeline("text-generation", model="PATH_OR_REPO")(">be me\n", max_new_tokens=80, do_sample=True)[0]["generated_text"])',
+        'print(pipeline("text-generation", model="PATH_OR_REPO")(">be me\\n", max_new_tokens=80, do_sample=True)[0]["generated_text"])',
         "```", "",
         "## Intended use and limits", "",
         "For fun and for studying fine-tuning: it writes greentext-shaped stories. It is not a source of facts. "

@@ -3,7 +3,9 @@
 `OUT/.lock` names the run that holds it (host, pid, SLURM job, command, start time). A second run is
 refused with that information. A lock whose pid is dead on this host, or that belongs to this same
 SLURM job (a requeued job restarting on another node), is stale and taken over. `--resume never`
-into a folder that already holds checkpoints is refused unless `--overwrite` says to replace them.
+into a folder that already holds checkpoints is refused unless `--overwrite` says to replace them; even then the
+previous run is moved into OUT/overwritten/<time>/ (a rename: instant, never a copy), not deleted, and an input of this
+run that lies inside what would move is refused before anything moves.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import sys
 import time
@@ -65,8 +66,11 @@ def writable_file(path: str, flag: str) -> None:
                         "pick a path in a folder you can write to") from None
 
 
-def claim(out: Path, resume: str, overwrite: bool) -> Path:
-    """Create OUT if needed, check it is writable, apply the resume/overwrite rule and take the lock."""
+def claim(out: Path, resume: str, overwrite: bool, inputs: dict[str, str] | None = None) -> Path:
+    """Create OUT if needed, check it is writable, apply the resume/overwrite rule and take the lock. `inputs`: flag ->
+    path of what this run reads (model, data, tokenizer, ...), none of which --overwrite may move away."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file, not a folder", f"pass a folder path (e.g. --output-dir {out.with_suffix('')}-run)")
     try:
         _make_writable_dir(out)
     except OSError as e:
@@ -98,25 +102,67 @@ def claim(out: Path, resume: str, overwrite: bool) -> Path:
     else:
         raise UserError(f"could not take the lock {lock}", "make sure no other run writes to this --output-dir")
     try:
-        _resume_rule(out, resume, overwrite)
+        _resume_rule(out, resume, overwrite, inputs or {})
     except UserError:
         release(out)
         raise
     return lock
 
 
-def _resume_rule(out: Path, resume: str, overwrite: bool) -> None:
+# What a run writes at the top of OUT, and what --overwrite moves aside (config.toml is rewritten, never moved:
+# `--config OUT/config.toml` is how a run is repeated).
+RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "samples.jsonl", "report.md", "loss.png", "hellaswag.json", "tensorboard", "wandb",
+             "wandb_run_id")
+OVERWRITTEN = "overwritten"
+
+
+def _resume_rule(out: Path, resume: str, overwrite: bool, inputs: dict[str, str]) -> None:
     ckpts = out / "checkpoints"
     has = ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())
     if resume == "never" and has:
         if not overwrite:
             raise UserError(f"--resume never, but {ckpts} already holds checkpoints",
-                            "resume with --resume auto, choose a new --output-dir, or add --overwrite to delete them")
-        log.warning(f"--overwrite: deleting the previous run's checkpoints, final/ and logs in {out}")
-        for name in ("checkpoints", "final"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "samples.jsonl", "report.md", "loss.png"):
-            (out / name).unlink(missing_ok=True)
+                            "choose a new --output-dir, resume with --resume auto, or add --overwrite to move them into "
+                            f"{out / OVERWRITTEN} and start over")
+        set_aside(out, [out / name for name in RUN_FILES], inputs, "the previous run's checkpoints, final/ and logs")
+
+
+def inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def check_not_inside(paths: list[Path], inputs: dict[str, str], why: str) -> None:
+    """Refuse before anything moves when this run reads from what would move: following our own fix messages
+    (`--model-path OUT/checkpoints/step-N` with `--overwrite`) must never take the run's input away."""
+    for flag, value in inputs.items():
+        given = Path(value).expanduser()
+        if not given.exists():
+            continue  # a hub id, or a path that is checked (and named) where it is read
+        for p in paths:
+            if p.exists() and inside(given, p):
+                raise UserError(f"{flag} {value} lies inside {p}, which {why} would move away",
+                                f"start the new run in another folder (--output-dir NEW) and keep {flag} {value}; or copy it out of "
+                                f"{p} first")
+
+
+def set_aside(out: Path, paths: list[Path], inputs: dict[str, str], what: str) -> Path | None:
+    """Move `paths` (inside OUT) into OUT/overwritten/<time>/, keeping their layout: nothing is deleted, and a rename
+    costs no time or space. Returns the folder, or None if there was nothing to move."""
+    paths = [p for p in paths if p.exists()]
+    if not paths:
+        return None
+    check_not_inside(paths, inputs, "--overwrite")
+    dest = out / OVERWRITTEN / time.strftime("%Y-%m-%dT%H-%M-%S")
+    n = 1
+    while dest.exists():
+        dest, n = dest.with_name(f"{dest.name.split('.')[0]}.{n}"), n + 1
+    for p in paths:
+        target = dest / p.relative_to(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, target)
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    log.warning(f"--overwrite: moved {what} ({size / 2**30:.2f} GiB) to {dest}; delete it when you no longer need it")
+    return dest
 
 
 def release(out: Path) -> None:

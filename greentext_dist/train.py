@@ -14,19 +14,17 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__":
-    import signal
-
-    # Ctrl-C during the imports and set-up: one line, no traceback (the graceful handler takes over in fit).
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("error: interrupted outside the training steps; checkpoints on disk "
-                                                            "are intact. Fix: rerun the same command to resume\n"), os._exit(130)))
     if not __package__:
         # Run as a file: import the package beside this folder, and don't let its modules shadow others.
         sys.path[0] = str(Path(__file__).resolve().parents[1])
+    from greentext_dist.entry import early, interrupt_early
+
+    interrupt_early()  # Ctrl-C during the imports and set-up: one line, no traceback (the graceful handler takes over in fit)
+    early(sys.argv[1:])  # --help, a bad setting, --nproc N: answered before torch loads
 
 import dataclasses
 import logging
 import math
-import shutil
 import time
 import types
 from dataclasses import dataclass
@@ -34,9 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from greentext_dist import attention, checkpoint as ckpt
-from greentext_dist.config import Config, home, parse_args_with_sources, to_toml
+from greentext_dist.config import Config, as_keywords, check_shard_size, home, parse_args_with_sources, parse_mix, to_toml
 from greentext_dist.data import (
-    Corpus, DataState, TrainData, TrainLoader, ValRows, corpus_of, hub_revisions, parse_mix, training_data, val_batches, val_corpus,
+    Corpus, DataState, TrainData, TrainLoader, ValRows, corpus_of, hub_revisions, training_data, val_batches, val_corpus,
 )
 from greentext_dist.dist import DistEnv, all_reduce_sum, check_same, everywhere, init_distributed, on_main, preflight, shutdown
 from greentext_dist.engines import ENGINES, Engine, EngineSpec, resolve_backend
@@ -50,7 +48,7 @@ from greentext_dist.report import write_report
 from greentext_dist.signals import GracefulStop
 from greentext_dist.tokenizer import load_tokenizer
 from greentext_dist.tracking import Trackers, parse_report_to
-from greentext_dist.ui import TrainProgress, console, fail, setup_logging, summary_table
+from greentext_dist.ui import TrainProgress, console, fail, print_summary_table, setup_logging
 
 log = logging.getLogger("greentext_dist")
 
@@ -107,6 +105,7 @@ class Run:
     metrics: MetricsLog  # OUT/metrics.jsonl: train, skipped and validation lines
     samples: MetricsLog  # OUT/samples.jsonl (--sample-every)
     base_commit: str | None = None  # the hub commit of the pretrained weights the run started from
+    step_estimate: float | None = None  # seconds per step, estimated at start (rank 0; None elsewhere or where unknown)
 
 
 DEFAULT_STEPS = 300
@@ -176,15 +175,60 @@ def resolve(cfg: Config, env: DistEnv, spec: EngineSpec, config) -> Config:
     return cfg
 
 
-def memory_line(mem: "MemoryPlan") -> str:
+def memory_line(mem: "MemoryPlan", run: "Run | None" = None) -> str:
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    if run is not None and run.env.device.type == "cpu":
+        # On a CPU the whole process counts (libraries, data, the model already built), and SDPA's math path keeps more.
+        c, now = run.engine.module.config, perf.rss_bytes()
+        extra = planner.cpu_extra(mem.shape, run.cfg.train.micro_batch_size, run.cfg.data.seq_len, c.n_head, run.cfg.model.dropout)
+        return (f"~{gib(now + mem.peak + extra)} peak on this CPU: {gib(now)} in use now, {gib(mem.states)} params+grads+optimizer, "
+                f"{gib(mem.activations + extra)} activations and temporaries")
     where = f"of {gib(mem.budget)}" if mem.budget else "(planned for a GPU)"
     return f"~{gib(mem.peak)} peak {where}: {gib(mem.states)} params+grads+optimizer, {gib(mem.activations)} activations"
+
+
+QUICK_CPU = "--global-batch-size 8 --micro-batch-size 8 --seq-len 128 --max-steps 200"  # scripts/demo.sh's shape
+
+
+def step_time(run: "Run") -> tuple[float | None, str]:
+    """Seconds per optimizer step, estimated before the first (see perf.estimate_step_seconds)."""
+    cfg, env, t = run.cfg, run.env, run.cfg.train
+    rows = run.plan.grad_accum * t.micro_batch_size * env.world_size
+    slow = run.spec.slow_alone and env.world_size == 1 and not t.offload
+    return perf.estimate_step_seconds(run.engine.module, rows, cfg.data.seq_len, env.world_size, env.device, t.precision,
+                                      compiled=bool(cfg.model.compile), recompute=bool(cfg.model.gradient_checkpointing),
+                                      peak=perf.peak_tflops(env.device, t.peak_tflops), mfu=planner.ZERO3_ONE_GPU_MFU if slow else None)
+
+
+def warn_if_slow(run: "Run", step_s: float | None, how: str) -> None:
+    """One step of minutes is named before it starts, with what makes a quick try (the default 512 x 1024 batch on a
+    CPU is hours a step)."""
+    cfg, env, t = run.cfg, run.env, run.cfg.train
+    c = run.engine.module.config
+    fp32_faster = 0.0
+    if env.device.type == "cpu" and t.precision == "bf16":
+        fp32_faster = perf.cpu_matmul_flops(c.n_embd, c.vocab_size, c.n_layer, "fp32") / perf.cpu_matmul_flops(c.n_embd, c.vocab_size, c.n_layer, "bf16")
+        if fp32_faster > 2:
+            log.warning(f"this CPU runs bf16 matmuls ~{fp32_faster:.0f}x slower than fp32 (it has no native bf16 units): "
+                        "add --precision fp32")
+    if not step_s or step_s < 60:
+        return
+    quick = ""
+    if env.device.type == "cpu":
+        module = run.engine.module
+        precision = "fp32" if fp32_faster > 2 else t.precision
+        quick_s, _ = perf.estimate_step_seconds(module, 8, 128, env.world_size, env.device, precision, compiled=False, recompute=False, peak=None)
+        flags = QUICK_CPU + (" --precision fp32" if precision != t.precision else "")
+        quick = f" For a quick try on this machine: {flags} (~{perf.duration(200 * quick_s)} in all)."
+    log.warning(f"one step will take ~{perf.duration(step_s)} ({how}): {t.global_batch_size} sequences of {cfg.data.seq_len} tokens "
+                f"on {env.world_size} {env.device.type} rank(s).{quick}")
 
 
 def print_summary(run: "Run", sources: dict) -> None:
     cfg, env, layout, engine, corpus, val_corpus, plan, mem = run.cfg, run.env, run.layout, run.engine, run.corpus, run.val_corpus, run.plan, run.mem
     model, resume_from = engine.module, run.resume_from
+    timing = step_time(run)
+    run.step_estimate = timing[0]
     t, d = cfg.train, cfg.data
     src = (source_of(cfg.model) or "random init") + (f" at commit {run.base_commit[:12]}" if run.base_commit else "")
     rows = [
@@ -205,12 +249,14 @@ def print_summary(run: "Run", sources: dict) -> None:
         ("token store", str(run.train_data.stores[0].path)),
         ("schedule", f"{plan.max_steps} steps = {plan.epochs:.2f} epochs ({plan.steps_per_epoch:.3g} steps/epoch), "
                      f"lr {cfg.optim.lr:g} warmup {warmup_steps(cfg.optim, plan.max_steps)} cosine to {cfg.optim.min_lr:g}"),
-        ("memory/rank", memory_line(mem)),
+        ("memory/rank", memory_line(mem, run)),
+        *([("time", f"~{perf.duration(step_s)} per step, ~{perf.duration(step_s * left)} for the {left} step(s) to go ({timing[1]})")]
+          if (step_s := timing[0]) and (left := plan.max_steps - run.progress.step) else []),
         ("output", f"{cfg.checkpoint.output_dir}" + (f" (resuming from {resume_from})" if resume_from else "")),
         ("settings", ", ".join(f"{name}={getattr(getattr(cfg, sec), name)} ({src})" for (sec, name), src in sorted(sources.items()))
                      + f"; all in {run.out / 'config.toml'}"),
     ]
-    console.print(summary_table("greentext_dist", rows))
+    print_summary_table("greentext_dist", rows)
     if plan.padding:
         per_pass = t.micro_batch_size * env.world_size
         lo, hi = t.global_batch_size // per_pass * per_pass, plan.grad_accum * per_pass
@@ -239,6 +285,7 @@ def print_summary(run: "Run", sources: dict) -> None:
                     "Pass fewer warmup steps (the default is 5% of the run).")
     if plan.epochs > 20:
         log.warning(f"{plan.epochs:.0f} epochs planned over a small corpus: watch val_loss for overfitting.")
+    warn_if_slow(run, *timing)
 
 
 def train_step(engine, batches: list[tuple], grad_clip: float, device, loss_fn=token_loss_sum) -> tuple:
@@ -292,9 +339,18 @@ def write_samples(engine, tokenizer, cfg: Config, env: DistEnv, step: int, log_f
 _claimed: list[Path] = []
 
 
+def inputs(cfg: Config) -> dict[str, str]:
+    """flag -> path of everything this run reads, which --overwrite must never move away."""
+    named = {"--model-path": cfg.model.model_path, "--tokenizer": cfg.model.tokenizer, "--dataset": cfg.data.dataset,
+             "--val-dataset": cfg.data.val_dataset, "--cache-dir": cfg.data.cache_dir, "--ds-config": cfg.train.ds_config,
+             "--resume": cfg.checkpoint.resume if cfg.checkpoint.resume not in ("auto", "never") else None}
+    named |= {f"--mix {name}": name for name, _ in parse_mix(cfg.data.mix)}
+    return {flag: value for flag, value in named.items() if value}
+
+
 def claim_output_dir(out: Path, cfg: Config) -> None:
     """Rank 0: lock OUT for this run, apply --resume never / --overwrite, and clear saves a killed run left half-done."""
-    rundir.claim(out, cfg.checkpoint.resume, cfg.checkpoint.overwrite)
+    rundir.claim(out, cfg.checkpoint.resume, cfg.checkpoint.overwrite, inputs(cfg))
     _claimed.append(out)
     ckpt.remove_partial_saves(out / "checkpoints")
 
@@ -305,6 +361,7 @@ class Checkpointer:
     def __init__(self, run_out: Path, cfg: Config, engine: Engine, tokenizer, last_saved: int | None, state: dict | None, validates: bool):
         self.root, self.c, self.engine, self.tokenizer = run_out / "checkpoints", cfg.checkpoint, engine, tokenizer
         self.last_saved, self.saved_at = last_saved, time.monotonic()
+        self.save_s: float | None = None  # how long the last save took
         self.patience = cfg.train.early_stopping_patience
         self.keeps_best = validates and (self.c.final == "best" or bool(self.patience))  # checkpoints/best, see validated()
         self.best = (state or {}).get("best")  # {"step", "val_loss"} of checkpoints/best
@@ -330,8 +387,10 @@ class Checkpointer:
         return last
 
     def save(self, step: int, trainer_state: dict) -> Path:
+        t0 = time.monotonic()
         path = ckpt.save_checkpoint(self.engine, self.root, step, trainer_state, self.tokenizer, self.c.keep_last, self.c.max_shard_size)
         self.last_saved, self.saved_at = step, time.monotonic()
+        self.save_s = self.saved_at - t0
         if self.engine.env.is_main:
             hf_files = ckpt.folder_bytes(path, "*.*")  # the top-level files: the HF export, tokenizer, manifest
             self.check_disk(ckpt.folder_bytes(path), hf_files, f"measured on {path.name}")
@@ -402,21 +461,18 @@ def check_same_run(cfg: Config, state: dict, resume_from: Path) -> None:
         )
 
 
-def retire_newer(root: Path, step: int, overwrite: bool) -> None:
+def retire_newer(root: Path, step: int, overwrite: bool, reads: dict[str, str]) -> None:
     """Resuming an older checkpoint while newer ones exist would mix two histories (and rotation would sort
-    them by step): refuse, or with --overwrite delete the newer ones and branch from this step."""
+    them by step): refuse, or with --overwrite move the newer ones aside (OUT/overwritten) and branch from this step."""
     newer = [d for n, d in ckpt.step_dirs(root) if n > step]
     if not newer:
         return
     names = ", ".join(d.name for d in newer)
     if not overwrite:
         raise UserError(f"resuming step-{step} while newer checkpoints exist ({names}): the run would mix two histories",
-                        f"resume the newest (--resume auto), or add --overwrite to delete {names} and branch from step-{step}")
-    for d in newer:
-        log.warning(f"--overwrite: deleting {d} to branch from step-{step}")
-        gone = d.with_name(f".del-{d.name}")
-        os.replace(d, gone)
-        shutil.rmtree(gone, ignore_errors=True)
+                        f"resume the newest (--resume auto), or add --overwrite to move {names} into {root.parent / rundir.OVERWRITTEN} "
+                        f"and branch from step-{step}")
+    rundir.set_aside(root.parent, newer, reads, f"{names} (to branch from step-{step})")
     ckpt.atomic_write_text(root / "latest", f"step-{step}\n")
 
 
@@ -424,6 +480,7 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
     """Everything before the first step: the engine chosen, the data counted and planned, the resume point found,
     the model built and its state loaded, and the start summary printed. `sources`: where each set value came from."""
     sources = dict(sources or {})
+    check_shard_size(cfg.checkpoint.max_shard_size)  # here, not at the first save after the training it cost
     if cfg.train.backend == "auto":
         sources[("train", "backend")] = "auto"
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backend=resolve_backend(cfg)))
@@ -439,11 +496,12 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
     resume_from = on_main(ckpt.resolve_resume, cfg.checkpoint.resume, out / "checkpoints")
     state = ckpt.read_trainer_state(resume_from) if resume_from else None
     if state:
-        on_main(retire_newer, out / "checkpoints", state["step"], cfg.checkpoint.overwrite)
+        on_main(retire_newer, out / "checkpoints", state["step"], cfg.checkpoint.overwrite, inputs(cfg))
     if state and state["world_size"] != env.world_size and ENGINES[state["backend"]].same_world_to_resume:
         raise UserError(
             f"checkpoint {resume_from} was written by {state['world_size']} ranks with {state['backend']}, this run has {env.world_size}",
-            f"relaunch with {state['world_size']} ranks, or start a new run from its weights: --model-path {resume_from} --resume never",
+            f"relaunch with {state['world_size']} ranks, or start a new run from its weights (a fresh optimizer) in a new folder: "
+            f"--output-dir NEW --model-path {resume_from}",
         )
     hub_folder = None if resume_from else hub_weights(cfg.model)  # rank 0 downloads hub weights for the job
     weights = str(resume_from) if resume_from else hub_folder
@@ -526,14 +584,21 @@ def fit(run: Run) -> bool:
 
     engine.train(True)
     t_log, tokens_at_log = time.perf_counter(), p.tokens.item()
-    with TrainProgress(max_steps, p.step, env.is_main) as bar, GracefulStop() as stop:
+    step_s, first = run.step_estimate, p.step + 1  # seconds a step takes: the start's estimate, then measured
+    with TrainProgress(max_steps, p.step, env.is_main) as bar, GracefulStop(announce=env.local_rank == 0) as stop:
         while p.step < max_steps:
+            stop.at_step(p.step + 1, step_s, checkpoints.save_s)
             engine.set_lr(lr := lr_at(p.step, cfg.optim, max_steps))
             batches = [loader.next_batch() for _ in range(run.plan.grad_accum)]
             p.data = batches[-1][3]
             global_loss, grad_norm, n_targets, applied = train_step(engine, [b[:3] for b in batches], cfg.optim.grad_clip, env.device, loss_fn)
             p.tokens += n_targets
             p.step += 1
+            took = time.monotonic() - stop.started
+            step_s = took if step_s is None or p.step == first else 0.8 * step_s + 0.2 * took
+            if p.step == first and took > 60 and p.step < max_steps:
+                bar.note(f"step {p.step} took {perf.duration(took)}: at this pace the {max_steps - p.step} step(s) to go take "
+                         f"~{perf.duration(took * (max_steps - p.step))}")
             if not applied:
                 p.bad_steps += 1
                 what = f"step {p.step}: loss {global_loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
@@ -638,12 +703,21 @@ def main_with(cfg: Config, sources: dict) -> int:
 
 def to_argv(settings: dict) -> list[str]:
     """train(model="small", max_steps=10, mix=["hellaswag=0.1"], compile=False) -> the same as the CLI flags."""
-    argv = []
+    import difflib
+
+    from greentext_dist.config import API_HELP, setting_types
+
+    argv, types_ = [], setting_types()
     for name, value in settings.items():
+        if name not in types_:
+            close = difflib.get_close_matches(name, list(types_), n=1)
+            raise UserError(f"train() got an unknown keyword {name}=", f"use {close[0]}=, the closest setting" if close else API_HELP)
+        if types_[name] is bool and not isinstance(value, bool) and value is not None:
+            raise UserError(f"{name}= takes True or False, not {value!r}", f"pass {name}=True or {name}=False")
         flag = "--" + name.replace("_", "-")
         if not isinstance(value, (str, os.PathLike, int, float, list, tuple, type(None))):
             fix = "save it with .save_to_disk(DIR) and pass DIR" if type(value).__module__.startswith("datasets") else "pass a str"
-            raise UserError(f"{name}= takes what {flag} takes (a str, number or path), not a {type(value).__name__}", fix)
+            raise UserError(f"{name}= takes a str, number or path, not a {type(value).__name__}", fix)
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, (list, tuple)):
@@ -662,6 +736,8 @@ def api(**settings) -> Path:
         cfg, sources = parse_args_with_sources(to_argv(settings))
         main_with(cfg, sources)
         return Path(cfg.checkpoint.output_dir) / "final"
+    except UserError as e:
+        raise as_keywords(e) from None
     finally:
         while _claimed:
             rundir.release(_claimed.pop())

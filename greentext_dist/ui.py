@@ -15,12 +15,20 @@ from rich.table import Table
 
 console = Console(stderr=True, highlight=False)  # progress, logs, errors
 results = Console(highlight=False)  # what a command produces (samples, scores): stdout, so it can be piped
+# Written to a file (a SLURM log, CI, a pipe), a line is never wrapped at 80 columns or cut with an ellipsis: paths stay whole.
+console.soft_wrap = not console.is_terminal
+results.soft_wrap = not results.is_terminal
 
 
 def setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
-    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
-    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank else "%(message)s"))
+    prefix = f"[rank {rank}] " if rank else ""
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+        handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    else:  # one unwrapped line per message, as RichHandler looks, in files
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)-8s " + prefix + "%(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("datasets", "transformers", "huggingface_hub", "DeepSpeed", "torch.distributed", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -34,6 +42,15 @@ def setup_logging(rank: int) -> None:
         sys.modules["datasets"].disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def print_summary_table(title: str, rows: list[tuple[str, str]]) -> None:
+    """The start summary: a table on a terminal; in a file, one unwrapped `key  value` line per row."""
+    if console.is_terminal:
+        console.print(summary_table(title, rows))
+        return
+    width = max(len(k) for k, _ in rows)
+    console.print(title + "\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows), markup=False)
 
 
 def summary_table(title: str, rows: list[tuple[str, str]]) -> Table:

@@ -74,7 +74,7 @@ def test_resume_from_any_row_continues_exactly(mixed):
 
 
 def test_old_data_position_is_refused_clearly():
-    with pytest.raises(UserError, match="before the token store.*--resume never"):
+    with pytest.raises(UserError, match="before the token store.*--output-dir NEW --model-path"):
         DataState.from_dict({"epoch": 0, "posts": 3, "buffer": [1, 2], "rows": 4}, "out/checkpoints/step-4")
 
 

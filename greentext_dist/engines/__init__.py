@@ -13,7 +13,7 @@ The protocol (engines/base.py, `Engine`), as train.py uses it:
     with engine.generation_autocast(): engine.module.generate(..., synced_gpus=engine.sharded)
     engine.name, engine.module, engine.env, engine.can_skip, engine.sharded, engine.vocab
 
-The registry below is the one list of engines: `--backend` choices, `auto`, the planner's row, the process
+The registry below (REGISTRY; ENGINES maps each name to its EngineSpec) is the one list of engines: `--backend` choices, `auto`, the planner's row, the process
 group and the defaults (compile, vocabulary padding, resume rules) all read it. Adding an engine is one
 module with a `build(cfg, env, grad_accum, weights, config) -> Engine` and an `EngineSpec`, plus one line
 here; tests/test_engine_contract.py runs every entry through the same checks.
@@ -21,17 +21,33 @@ here; tests/test_engine_contract.py runs every entry through the same checks.
 
 from __future__ import annotations
 
-from greentext_dist.engines import ddp, deepspeed, fsdp
-from greentext_dist.engines.base import Engine, EngineSpec
+import importlib
 
-ENGINES: dict[str, EngineSpec] = {
-    "ddp": ddp.SPEC,
-    "zero2": deepspeed.ZERO2,
-    "zero3": deepspeed.ZERO3,
-    "fsdp": fsdp.SPEC,
+# name -> (module, its EngineSpec attribute). The engines import torch, DeepSpeed and transformers (seconds), so the
+# registry is built on first use: `--help` and a mistyped flag are answered before any of them loads.
+REGISTRY = {
+    "ddp": ("ddp", "SPEC"),
+    "zero2": ("deepspeed", "ZERO2"),
+    "zero3": ("deepspeed", "ZERO3"),
+    "fsdp": ("fsdp", "SPEC"),
 }
+NAMES = tuple(REGISTRY)
 
-__all__ = ["ENGINES", "Engine", "EngineSpec"]
+__all__ = ["ENGINES", "Engine", "EngineSpec", "NAMES", "resolve_backend"]
+
+
+def __getattr__(name: str):
+    if name == "ENGINES":
+        engines = {key: getattr(importlib.import_module(f"greentext_dist.engines.{mod}"), attr) for key, (mod, attr) in REGISTRY.items()}
+        globals()["ENGINES"] = engines
+        return engines
+    if name in ("Engine", "EngineSpec"):
+        from greentext_dist.engines import base
+
+        return getattr(base, name)
+    if name in ("ddp", "deepspeed", "fsdp"):
+        return importlib.import_module(f"greentext_dist.engines.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_backend(cfg) -> str:

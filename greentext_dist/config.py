@@ -197,7 +197,7 @@ def _apply(cfg: Config, section: str, name: str, value, source: str) -> None:
     if typing.get_origin(tp) is list:
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise UserError(f"{source}: '{section}.{name}' must be a list of strings, got {value!r}", 'write e.g. ["hellaswag=0.1"]')
-    elif value is not None and not isinstance(value, tp):
+    elif value is not None and (not isinstance(value, tp) or isinstance(value, bool) and tp is not bool):
         what = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, tp.__name__)
         raise UserError(f"{source}: '{section}.{name}' must be {tp.__name__}, got {value!r}", f"write {what}")
     setattr(sec, name, value)

@@ -13,16 +13,14 @@ from greentext_dist.metrics import read_metrics
 log = logging.getLogger(__name__)
 
 
-def plot_losses(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
+def loss_figure(rows: list[dict]):
+    """Train (and validation, if any) loss against optimizer steps and tokens seen."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        log.info("matplotlib is not installed: skipped loss.png (pip install 'greentext_dist[plot]')")
-        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     train = [r for r in rows if "loss" in r and not r.get("skipped")]
     val = [r for r in rows if r.get("val_loss") is not None]
     tokens_at = {r["step"]: r["tokens"] for r in train}
@@ -39,6 +37,16 @@ def plot_losses(rows: list[dict], path: Path) -> bool:
     if val:
         axes[0].legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: skipped loss.png (pip install 'greentext_dist[plot]')")
+        return False
+    fig = loss_figure(rows)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True

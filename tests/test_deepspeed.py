@@ -128,9 +128,9 @@ def test_zero3_under_deepspeed_matches_reference_resumes_and_exports(reference, 
     # Resuming the 2-rank DeepSpeed state on 1 rank is refused with the way out; the way out works.
     assert run_inprocess(tiny_args(data, full, *run, "--max-steps", "8")) == 2
     err = capfd.readouterr().err
-    assert "written by 2 ranks" in err and "--model-path" in err
+    assert "written by 2 ranks" in err and f"--output-dir NEW --model-path {step}" in err  # a new folder first: nothing to overwrite
     fresh = tmp_path / "fresh"
-    p = launch(tiny_args(data, fresh, *run, "--max-steps", "2", "--model-path", str(step), "--resume", "never"), launcher="python")
+    p = launch(tiny_args(data, fresh, *run, "--max-steps", "2", "--model-path", str(step)), launcher="python")  # as the fix says
     assert p.returncode == 0, p.stderr[-3000:]
 
 

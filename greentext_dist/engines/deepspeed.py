@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,7 +73,16 @@ def prepare_deepspeed(ds_config: dict, device: torch.device) -> None:
     import deepspeed
 
     global _hf_ds_config
-    deepspeed.init_distributed()  # wraps the existing torch.distributed group
+    # DeepSpeed's ZeRO calls a torch collective by its deprecated name: one FutureWarning per rank and start, for
+    # nothing the user can act on. Only that warning is filtered.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):  # DeepSpeed print()s "... built successfully" once per rank
+            deepspeed.init_distributed()  # wraps the existing torch.distributed group
+    except BaseException:
+        sys.stdout.write(captured.getvalue())  # what it printed may say why it failed
+        raise
     if device.type == "cpu":
         release_shm_names()
     if ds_config["zero_optimization"]["stage"] == 3:

@@ -49,9 +49,8 @@ class GracefulStop:
         if signum == signal.SIGINT:
             text += "; Ctrl-C again to stop now (checkpoints on disk stay intact)"
         if "TORCHELASTIC_RUN_ID" in os.environ:
-            timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")
-            text += (f". Under torchrun: it kills the ranks {timeout} s after it got the signal, saved or not "
-                     "(greentext-train --nproc N waits for the save)")
+            text += (". Under torchrun: it kills the ranks when its --shutdown-timeout (30 s by default) runs out after its "
+                     "own signal, saved or not (greentext-train --nproc N waits for the save)")
         return text
 
     def vote(self, *flags: bool) -> tuple[bool, ...]:

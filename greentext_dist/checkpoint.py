@@ -117,6 +117,15 @@ def checkpoint_bytes(backend: str, precision: str, n_params: int) -> tuple[int, 
     return weights + state + HF_EXTRA_BYTES, weights + HF_EXTRA_BYTES
 
 
+# A shared cluster file system under load, per rank 0's save (write, fsync, then read back for the checksums): the
+# start's guess at a save's time, until the first save is measured.
+WRITE_BYTES_PER_S = 250e6
+
+
+def save_seconds(n_bytes: int) -> float:
+    return 2 * n_bytes / WRITE_BYTES_PER_S  # written once, read once for the manifest's sha256
+
+
 def folder_bytes(folder: Path, pattern: str = "**/*") -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file()) if folder.is_dir() else 0
 

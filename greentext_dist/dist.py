@@ -68,6 +68,14 @@ def _set_env(key: str, value: str) -> None:
         os.environ[key] = _ours[key] = value
 
 
+def backend_for(device: torch.device) -> str:
+    """NCCL for GPU tensors with gloo beside it for CPU tensors, in one group: FSDP's CPU offload keeps gradients on the
+    CPU, and its gradient-norm all-reduce fails on NCCL alone ("No backend type associated with device type cpu",
+    pytorch#148532); the loop's stop vote is a CPU all-reduce too (signals.py). gloo picks its network interface
+    from GLOO_SOCKET_IFNAME (slurm/train.sbatch sets it with NCCL_SOCKET_IFNAME)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(timeout_s: int = 1800, single_rank_group: bool = False) -> DistEnv:
     """single_rank_group: start a one-rank group under plain `python` (DeepSpeed needs a process group)."""
     check_launch_environment()
@@ -87,7 +95,7 @@ def init_distributed(timeout_s: int = 1800, single_rank_group: bool = False) -> 
             _set_env(k, v or str(_free_port()))
     if (world_size > 1 or single_rank_group) and not dist.is_initialized():
         dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+            backend=backend_for(device), rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
             **({"device_id": device} if device.type == "cuda" else {}),
         )
@@ -180,6 +188,15 @@ def everywhere(fn, *args, **kwargs):
     return result
 
 
+def gather(value) -> list:
+    """Every rank's `value`, in rank order (a list of one without a process group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def check_same(value: str, what: str, fix: str) -> None:
     """Every rank must hold the same `value`; otherwise a UserError on every rank, naming the first that differs."""
     from greentext_dist.errors import UserError
@@ -191,3 +208,51 @@ def check_same(value: str, what: str, fix: str) -> None:
     odd = next((r for r, v in enumerate(values) if v != values[0]), None)
     if odd is not None:
         raise UserError(f"{what} differs between ranks: rank 0 has {values[0]}, rank {odd} has {values[odd]}", fix)
+
+
+def check_shared_folder(folder, flag: str, required: bool = True, wait_s: float = 10.0) -> bool:
+    """Does every rank see the folder rank 0 writes? rank 0 writes a file of random content there and every rank
+    reads it (a shared file system may take a moment to show it: each looks for up to `wait_s`). A node-local disk
+    at the same path on another node (/tmp, /local/scratch) would otherwise be found at the first save, half an hour
+    in, or as a raw FileNotFoundError on resume. `required`: a UserError naming the ranks and hosts that cannot see
+    it; else a warning, and False."""
+    import logging
+    import secrets
+    import socket
+    import time
+    from pathlib import Path
+
+    from greentext_dist.errors import UserError
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    folder = Path(folder)
+    name = broadcast_object(f".shared-{secrets.token_hex(8)}" if dist.get_rank() == 0 else None)
+    probe = folder / name
+    if dist.get_rank() == 0:
+        probe.write_text(name)
+    barrier()
+    seen, t0 = False, time.monotonic()
+    while not seen:
+        try:
+            seen = probe.read_text() == name
+        except OSError:
+            pass
+        if seen or time.monotonic() - t0 > wait_s:
+            break
+        time.sleep(0.2)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (os.environ.get("SLURMD_NODENAME") or socket.gethostname(), seen))
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [(r, host) for r, (host, ok) in enumerate(everyone) if not ok]
+    if not blind:
+        return True
+    hosts = sorted({h for _, h in blind})
+    ranks = ", ".join(str(r) for r, _ in blind[:8]) + (f" and {len(blind) - 8} more" if len(blind) > 8 else "")
+    problem = (f"{flag} {folder} is not the same folder on every node: rank(s) {ranks} on {', '.join(hosts[:4])}"
+               f"{' ...' if len(hosts) > 4 else ''} cannot see what rank 0 on {everyone[0][0]} wrote there (a node-local disk at that path?)")
+    if required:
+        raise UserError(problem, f"put {flag} on a file system every node mounts (a shared scratch or home folder), not a node-local one")
+    logging.getLogger("greentext_dist").warning(problem + f": each node works in its own copy. Put {flag} on a shared file system to share it.")
+    return False

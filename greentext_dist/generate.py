@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -132,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     a.prompt = a.prompt.replace("\\n", "\n")  # a shell passes "be me\ngo outside" with a backslash and an n
     setup_logging(0)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Every rank would load the model on the first GPU, draw the same samples and write the same --output.
+            raise UserError("generate runs in one process, not under torchrun or another launcher",
+                            "run python -m greentext_dist.generate (sampling needs no launcher); for sampling spread over "
+                            "GPUs use python -m greentext_dist.evaluate --task robustness under torchrun")
         if a.num_samples < 1 or a.max_new_tokens < 1:
             raise UserError("--num-samples and --max-new-tokens must be at least 1", "pass positive values")
         check_sampling(a.temperature, a.top_k, a.top_p)

@@ -87,9 +87,15 @@ def shared_download(name: str, files=MODEL_FILES + TOKENIZER_FILES, what: str = 
     once for the job, and then taken at that commit by every other rank from its cache (or downloaded where its
     node's cache lacks it). Collective when a process group is up: every rank calls it. Hundreds of ranks asking
     the hub at once get rate-limited, and could each see a different commit."""
-    from greentext_dist.dist import on_main
+    from greentext_dist.dist import everywhere, gather, on_main
 
-    if is_local(name):
+    local = gather(is_local(name))  # one answer for every rank: a folder on one node's disk only would split them
+    if any(local) and not all(local):
+        there = [r for r, ok in enumerate(local) if ok]
+        raise UserError(f"{what} {name} exists on rank(s) {', '.join(map(str, there[:8]))} but not on the others (a node-local folder?)",
+                        "put it on a file system every node mounts, or pass its hub id")
+    if local[0]:
         return os.path.expanduser(name)
     commit = Path(on_main(download, name, files, what=what, instead=instead)).name  # snapshot folders are named by commit
-    return download(name, files, revision=commit, what=what, instead=instead)
+    # Every rank takes that commit; a rank whose download fails stops every rank with its line, none is left waiting.
+    return everywhere(download, name, files, revision=commit, what=what, instead=instead)

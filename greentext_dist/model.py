@@ -66,9 +66,12 @@ def hub_weights(cfg: ModelConfig) -> str | None:
     --model-path), downloaded by rank 0 at one commit for every rank (hub.shared_download); None when the weights
     come from a local folder or random init."""
     src = source_of(cfg)
-    if not src or is_local(src):
+    if not src:
         return None
-    return shared_download(src, MODEL_FILES, instead="pass --model-path DIR" + ("" if cfg.model_path else ", or train from random init: --init scratch"))
+    # Every rank calls it, local or not: the ranks agree there whether the path exists (a folder on one node's disk
+    # only is one line, not ranks that part ways and wait for each other).
+    folder = shared_download(src, MODEL_FILES, instead="pass --model-path DIR" + ("" if cfg.model_path else ", or train from random init: --init scratch"))
+    return None if is_local(src) else folder
 
 
 def model_config(cfg: ModelConfig, weights_from: str | None = None) -> GPT2Config:

@@ -34,6 +34,9 @@ ACT_PER_LAYER_COMPILED, LOGIT_BYTES_COMPILED = 36.0, 3.1
 # Engine buffers outside DeepSpeed's model-state accounting, bytes per parameter per GPU (calibrated):
 # ZeRO-3 holds fp32 gradient-accumulation partitions and flat 16-bit copies alongside the activations.
 WORKSPACE = {"zero3": 3.5}
+# The shipped ZeRO configs reduce in fp32 under bf16 ("communication_data_type": "fp32", as DDP and FSDP do): ZeRO-2
+# casts each 200M-element reduce bucket to an fp32 copy while it reduces it (ZeRO-3's buckets are d x d: small).
+ZERO2_FP32_BUCKET = 4 * 200_000_000
 ENGINES = ["ddp", "zero2", "zero3", "fsdp", "zero2_offload", "zero3_offload", "fsdp_offload"]
 
 # ZeRO-3 on one GPU has nothing to shard but still gathers and releases every parameter around every module:
@@ -64,8 +67,9 @@ def shape_for(n_layer: int, d: int, vocab: int = VOCAB, positions: int = POSITIO
     return Shape(n_layer, d, n, vocab * d)
 
 
-def model_states(s: Shape, engine: str, gpus: int, precision: str = "bf16") -> tuple[float, float]:
-    """(bytes per GPU held through forward/backward, bytes of gradients) for one engine."""
+def model_states(s: Shape, engine: str, gpus: int, precision: str = "bf16", accumulating: bool = False) -> tuple[float, float]:
+    """(bytes per GPU held through forward/backward, bytes of gradients) for one engine. `accumulating`: the step has
+    several micro-batches (gradients are held across them)."""
     n, g = s.n_params, gpus
     if engine == "ddp":
         # fp32 weights + Adam moments; gradients fp32 (+ DDP's bucket copy when distributed); autocast caches bf16 weights.
@@ -78,10 +82,13 @@ def model_states(s: Shape, engine: str, gpus: int, precision: str = "bf16") -> t
         return 4 * s.largest_layer + 14 * n / g, 4 * n / g
     if engine == "zero3_offload":
         return 4 * s.largest_layer, 0.0
+    # FSDP2 under accumulation (set_requires_gradient_sync(False) until the last micro-batch) keeps every parameter's
+    # gradient unsharded, in fp32 (_fsdp_param.py: to_accumulated_grad_if_needed), on the GPU even with CPU offload:
+    # 4n per GPU, not 4n/G (XL on 8 GPUs: 5.1 GiB more). Counted on the real engine at world 8 and 64 (fake process group).
     if engine == "fsdp":  # fp32 shards of params + Adam, fp32 grad shards; two bf16 blocks gathered at a time
-        return 12 * n / g + 2 * 2 * (s.largest_layer + s.block_params), 4 * n / g
+        return 12 * n / g + 2 * 2 * (s.largest_layer + s.block_params), 4 * n if accumulating else 4 * n / g
     if engine == "fsdp_offload":
-        return 2 * 2 * (s.largest_layer + s.block_params), 0.0
+        return 2 * 2 * (s.largest_layer + s.block_params), 4 * n if accumulating else 0.0
     raise ValueError(engine)
 
 
@@ -106,9 +113,9 @@ def activations(s: Shape, engine: str, micro: int, seq_len: int, checkpointing: 
 
 def peak_bytes(s: Shape, engine: str, gpus: int, micro: int, seq_len: int, checkpointing: bool, precision: str = "bf16",
                compiled: bool = False, grad_accum: int = 1) -> dict:
-    held, grads = model_states(s, engine, gpus, precision)
+    held, grads = model_states(s, engine, gpus, precision, accumulating=grad_accum > 1)
     act = activations(s, engine, micro, seq_len, checkpointing, precision, compiled)
-    held += WORKSPACE.get(engine, 0.0) * s.n_params / gpus
+    held += WORKSPACE.get(engine, 0.0) * s.n_params / gpus + (ZERO2_FP32_BUCKET if engine == "zero2" and precision == "bf16" else 0)
     # Accumulating, the first micro-batch's gradients are held through every later one's forward and backward
     # (H200: XL micro 16 x 2 peaked 4.6 GiB, its fp32 gradients, above the same micro-batch alone).
     peak = held + grads + act if grad_accum > 1 else max(held + act, held + grads)
@@ -152,7 +159,7 @@ def plan_engine(model: str, engine: str, gpus: int, gpu_memory_gib: float, *, se
     b = micro or pick_micro(global_batch, gpus, row["max_micro_gc" if gc else "max_micro"])
     accum = accumulation(global_batch, b, gpus)
     mem = peak_bytes(s, engine, gpus, b, seq_len, gc, compiled=compiled, grad_accum=accum)
-    held, grads = model_states(s, engine, gpus)
+    held, grads = model_states(s, engine, gpus, accumulating=accum > 1)
     n_no_pos = s.n_params - POSITIONS * s.n_embd
     flops = flops_per_token(n_no_pos, s.n_layer, s.n_embd, seq_len)
     slow = engine == "zero3" and gpus == 1

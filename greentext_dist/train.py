@@ -34,9 +34,11 @@ import torch
 from greentext_dist import attention, checkpoint as ckpt
 from greentext_dist.config import Config, as_keywords, check_shard_size, home, parse_args_with_sources, parse_mix, to_toml
 from greentext_dist.data import (
-    Corpus, DataState, TrainData, TrainLoader, ValRows, corpus_of, hub_revisions, training_data, val_batches, val_corpus,
+    Corpus, DataState, TrainData, TrainLoader, ValRows, cache_dir, corpus_of, hub_revisions, training_data, val_batches, val_corpus,
 )
-from greentext_dist.dist import DistEnv, all_reduce_sum, check_same, everywhere, init_distributed, on_main, preflight, shutdown
+from greentext_dist.dist import (
+    DistEnv, all_reduce_sum, check_same, check_shared_folder, everywhere, init_distributed, on_main, preflight, shutdown,
+)
 from greentext_dist.engines import ENGINES, Engine, EngineSpec, resolve_backend
 from greentext_dist.errors import UserError
 from greentext_dist.loss import global_target_count, mean_token_loss, token_loss_sum
@@ -339,6 +341,14 @@ def write_samples(engine, tokenizer, cfg: Config, env: DistEnv, step: int, log_f
 _claimed: list[Path] = []
 
 
+def can_create(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return True
+    except OSError:
+        return False  # named where the folder is used
+
+
 def inputs(cfg: Config) -> dict[str, str]:
     """flag -> path of everything this run reads, which --overwrite must never move away."""
     named = {"--model-path": cfg.model.model_path, "--tokenizer": cfg.model.tokenizer, "--dataset": cfg.data.dataset,
@@ -362,6 +372,7 @@ class Checkpointer:
         self.root, self.c, self.engine, self.tokenizer = run_out / "checkpoints", cfg.checkpoint, engine, tokenizer
         self.last_saved, self.saved_at = last_saved, time.monotonic()
         self.save_s: float | None = None  # how long the last save took
+        self.saves = 0  # saves by this process
         self.patience = cfg.train.early_stopping_patience
         self.keeps_best = validates and (self.c.final == "best" or bool(self.patience))  # checkpoints/best, see validated()
         self.best = (state or {}).get("best")  # {"step", "val_loss"} of checkpoints/best
@@ -390,7 +401,7 @@ class Checkpointer:
         t0 = time.monotonic()
         path = ckpt.save_checkpoint(self.engine, self.root, step, trainer_state, self.tokenizer, self.c.keep_last, self.c.max_shard_size)
         self.last_saved, self.saved_at = step, time.monotonic()
-        self.save_s = self.saved_at - t0
+        self.save_s, self.saves = self.saved_at - t0, self.saves + 1
         if self.engine.env.is_main:
             hf_files = ckpt.folder_bytes(path, "*.*")  # the top-level files: the HF export, tokenizer, manifest
             self.check_disk(ckpt.folder_bytes(path), hf_files, f"measured on {path.name}")
@@ -409,6 +420,21 @@ class Checkpointer:
                         f"+ 1 being written, ~{gib(one)} each ({how}){', and the best weights' if best else ''}. The first save that "
                         "does not fit stops the run, keeping the checkpoint before it. Fix: free disk space, lower --keep-last "
                         f"(now {self.c.keep_last}), or point --output-dir at a larger disk.")
+
+    def check_save_time(self, save_s: float, step_s: float | None, how: str) -> None:
+        """Rank 0: a save (with the step before it) must fit in the lead a SLURM job gets before its time limit
+        (slurm/train.sbatch's --signal, told to us as GREENTEXT_SIGNAL_LEAD_S), and must not eat the time between
+        timed saves. `how`: measured or estimated."""
+        lead = float(os.environ.get("GREENTEXT_SIGNAL_LEAD_S", "0") or 0)
+        need = save_s + (step_s or 0.0)
+        if lead and need > 0.8 * lead:
+            log.warning(f"a checkpoint takes ~{perf.duration(save_s)} ({how}){f' after a step of ~{perf.duration(step_s)}' if step_s else ''}, "
+                        f"but the job is warned only {lead:.0f} s before its time limit (GREENTEXT_SIGNAL_LEAD_S): the last save may not "
+                        f"finish. Fix: sbatch --signal=B:USR1@{int(2 * need) + 60} with GREENTEXT_SIGNAL_LEAD_S={int(2 * need) + 60}")
+        every = 60 * self.c.save_every_minutes
+        if every and save_s > 0.25 * every:
+            log.warning(f"a checkpoint takes ~{perf.duration(save_s)} ({how}), {save_s / every:.0%} of the --save-every-minutes "
+                        f"{self.c.save_every_minutes:g} between timed saves. Fix: raise --save-every-minutes, or write to a faster disk")
 
     def due(self, step: int, max_steps: int, clock: bool) -> bool:
         """Every --save-every steps, and when `clock` says --save-every-minutes have passed (see clock_due)."""
@@ -491,6 +517,7 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
     layout = preflight(env)
     out = Path(cfg.checkpoint.output_dir)
     on_main(claim_output_dir, out, cfg)
+    check_shared_folder(out, "--output-dir")  # every rank writes its part of each checkpoint here, and reads it on resume
 
     # Resume point (rank 0 verifies checksums once) and the model's shape, read without loading weights.
     resume_from = on_main(ckpt.resolve_resume, cfg.checkpoint.resume, out / "checkpoints")
@@ -517,6 +544,10 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
 
     # Data: the token stores (built on first use: every rank takes the lock in turn, no collective waits on it),
     # their size, and the plan that follows from it.
+    if on_main(can_create, cache_dir(cfg.data.cache_dir)):
+        # A node-local cache works (each node tokenises into its own copy), but a store prepared on a login node for
+        # the job is then not found: say so.
+        check_shared_folder(cache_dir(cfg.data.cache_dir), "--cache-dir", required=False)
     tokenizer = on_main(load_tokenizer, cfg.model.tokenizer)  # loaded (or downloaded) once, the same object on every rank
     revisions = on_main(hub_revisions, cfg.data)  # a hub dataset's commit, asked once for all ranks
     train_data, val = everywhere(training_data, cfg.data, tokenizer, cfg.train.seed, revisions=revisions, progress=env.is_main,
@@ -560,8 +591,9 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
               MetricsLog(out / "samples.jsonl", resume_step, env.is_main), base_commit)
     if env.is_main:
         print_summary(run, sources)
-        run.checkpointer.check_disk(*ckpt.checkpoint_bytes(cfg.train.backend, cfg.train.precision, mem.shape.n_params),
-                                    f"estimated for {cfg.model.model} under {cfg.train.backend}")
+        one, weights = ckpt.checkpoint_bytes(cfg.train.backend, cfg.train.precision, mem.shape.n_params)
+        run.checkpointer.check_disk(one, weights, f"estimated for {cfg.model.model} under {cfg.train.backend}")
+        run.checkpointer.check_save_time(ckpt.save_seconds(one), run.step_estimate, f"estimated at {ckpt.WRITE_BYTES_PER_S / 1e6:.0f} MB/s")
     if state and state["max_steps"] != plan.max_steps:
         log.warning(f"the checkpoint was planned for {state['max_steps']} steps, this run for {plan.max_steps}: the lr schedule changes")
     stores = train_data.store_names
@@ -636,7 +668,9 @@ def fit(run: Run) -> bool:
             signalled, clock = stop.vote(checkpoints.clock_due())
             if checkpoints.due(p.step, max_steps, clock):
                 checkpoints.save(p.step, trainer_state(run))
-                signalled, = stop.vote()  # again: a signal may have come during the save, which is long (and rare)
+                if env.is_main and checkpoints.saves == 1:  # the first save is measured: check it fits
+                    checkpoints.check_save_time(checkpoints.save_s, step_s, "measured")
+                signalled = stop.drain() or signalled  # the vote cast before the save: a signal may have come during it
             if early_stop:
                 bar.note(f"step {p.step}: early stopping, no new best val_loss in {checkpoints.since_best} validations "
                          f"(best {checkpoints.best['val_loss']:.4f} at step {checkpoints.best['step']})")

@@ -100,8 +100,9 @@ def test_sigusr1_on_two_ranks_resumes_exactly_and_across_world_sizes(reference, 
 
 
 def test_one_cpu_vote_a_step(tmp_path, monkeypatch):
-    """A signal on any rank and rank 0's clock for a timed save share one CPU collective a step, plus one right after
-    a save (a signal may come during it). On many ranks each gloo all-reduce is a chain of network hops."""
+    """A signal on any rank and rank 0's clock for a timed save share one CPU collective a step, and a save adds none
+    (it waits for the one in flight: a signal may come during it). On many ranks each gloo all-reduce is a chain of
+    network hops, so no step waits for its own (tests/test_cluster.py)."""
     from conftest import write_posts
     from greentext_dist import train
 
@@ -109,4 +110,4 @@ def test_one_cpu_vote_a_step(tmp_path, monkeypatch):
     monkeypatch.setattr(train.GracefulStop, "vote", lambda self, *flags: votes.append(flags) or real(self, *flags))
     run = tiny_args(write_posts(tmp_path / "posts.jsonl"), tmp_path / "out", *RUN[:4], "--max-steps", "4", "--save-every", "2")
     assert run_inprocess(run) == 0
-    assert len(votes) == 4 + 1  # four steps, one save before the end (step 4's checkpoint is the final one)
+    assert len(votes) == 4  # four steps; the save at step 2 casts no vote of its own

@@ -228,7 +228,9 @@ def corpus_file() -> Path:
 # Small through each launcher and engine: (name, launcher, train.py flags, port for the launcher's rendezvous).
 SMALL_E2E = [("ddp-python", "python", [], 0), ("zero2-deepspeed", "deepspeed", ["--backend", "zero2"], 29511),
              ("zero3-deepspeed", "deepspeed", ["--backend", "zero3"], 29512), ("fsdp-torchrun", "torchrun", ["--backend", "fsdp"], 0),
-             ("fsdp-accelerate", "accelerate", [], 29514)]
+             ("fsdp-accelerate", "accelerate", [], 29514),
+             # Never run on a GPU before the cpu:gloo,cuda:nccl process group: CPU-offloaded gradients over NCCL alone failed.
+             ("fsdp-offload-torchrun", "torchrun", ["--backend", "fsdp", "--fsdp-cpu-offload"], 0)]
 XL_E2E = ("auto-deepspeed", "deepspeed", ["--final", "last"], 29515)  # no best/ beside two ~23 GiB checkpoints; auto = ZeRO-2
 
 

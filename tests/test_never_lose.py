@@ -181,6 +181,7 @@ def test_the_default_cpu_run_says_how_long_a_step_takes_and_answers_a_signal_at_
     assert proc.returncode == 130 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_signal_is_acknowledged_with_the_step_it_stops_after(corpus, tmp_path):
     from test_signals import start, wait_for_steps
 
@@ -262,6 +263,7 @@ def test_ctrl_c_under_greentext_train_nproc_saves_and_exits_0(corpus, tmp_path):
     assert len(a) == len(b) == 40 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
 
 
+@pytest.mark.slow
 def test_a_rank_that_fails_ends_the_job_with_its_code(tmp_path):
     from greentext_dist.launch import launch
 
@@ -306,6 +308,7 @@ def test_no_empty_samples_file_and_a_plain_loss_plot(corpus, tmp_path):
     assert steps and all(re.fullmatch(r"-?\d+", s) for s in steps), steps  # no 1.5 steps
 
 
+@pytest.mark.slow
 def test_logs_written_to_a_file_keep_whole_lines(corpus, tmp_path):
     """A SLURM log is a file: the summary and messages are not wrapped at 80 columns nor cut with an ellipsis."""
     out = tmp_path / ("a-folder-name-long-enough-that-the-whole-path-is-over-eighty-columns" * 2)

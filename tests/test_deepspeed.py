@@ -102,7 +102,7 @@ def test_zero3_under_deepspeed_matches_reference_resumes_and_exports(reference, 
     assert set(os.listdir("/dev/shm")) <= shm, "DeepSpeed's CPU all-reduce buffers (66 MB of RAM a rank) outlived the run"
     assert "deepspeed zero3" in log and "2 rank(s)" in log and "2 micro x 2 accumulation x 2 ranks = 8 sequences" in log
     # The ranks add nothing of DeepSpeed's to the log (the launcher's own [INFO] lines are its own).
-    assert "built successfully" not in log and "FutureWarning" not in log, log[-3000:]
+    assert "built successfully" not in log and "FutureWarning" not in log, [l for l in log.splitlines() if "built" in l or "Warning" in l]
     a = train_losses(full)
     assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, ref)) <= 1e-4
     assert max(abs(x - y) for x, y in zip(val_losses(full), ref_val)) <= 1e-4

@@ -73,9 +73,10 @@ def prepare_deepspeed(ds_config: dict, device: torch.device) -> None:
     import deepspeed
 
     global _hf_ds_config
-    # DeepSpeed's ZeRO calls a torch collective by its deprecated name: one FutureWarning per rank and start, for
-    # nothing the user can act on. Only that warning is filtered.
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    # DeepSpeed's ZeRO calls torch collectives by their deprecated names (all_gather_into_tensor, reduce_scatter_tensor):
+    # a FutureWarning per rank and name, for nothing the user can act on. Only torch's renaming notices are filtered.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated\. Please use `torch\.distributed\.\w+`",
+                            category=FutureWarning)
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured):  # DeepSpeed print()s "... built successfully" once per rank

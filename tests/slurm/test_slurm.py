@@ -31,10 +31,10 @@ def cluster(tmp_path_factory):
     subprocess.run(["bash", str(HERE / "cluster.sh"), "stop", str(d)], timeout=60)
 
 
-def submit(env, nodes, ranks, log, args):
+def submit(env, nodes, ranks, log, args, extra_env=None):
     cmd = ["sbatch", "--parsable", "--nodes", str(nodes), "--cpus-per-task", "2", "--chdir", str(ROOT), "-o", str(log),
            str(ROOT / "slurm" / "train.sbatch"), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**env, "GREENTEXT_CPU_RANKS": str(ranks)}, timeout=30)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**env, "GREENTEXT_CPU_RANKS": str(ranks), **(extra_env or {})}, timeout=30)
     assert p.returncode == 0, p.stderr
     return p.stdout.strip().split(";")[0]
 
@@ -65,11 +65,13 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("nodes,ranks", [(1, 2), (2, 1)])
 def test_sbatch_trains_and_leaves_a_loadable_checkpoint(cluster, data, tmp_path, nodes, ranks):
     out, log = tmp_path / "out", tmp_path / "job.out"
-    job_id = submit(cluster, nodes, ranks, log, tiny_args(data, out, *RUN, "--max-steps", "4"))
+    # The interface NCCL is told is gloo's too (the CPU side of the process group; here, loopback, a real choice for gloo).
+    job_id = submit(cluster, nodes, ranks, log, tiny_args(data, out, *RUN, "--max-steps", "4"), {"NCCL_SOCKET_IFNAME": "lo"})
     info = wait_done(cluster, job_id)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
     assert f"{nodes} node(s) x {ranks} rank(s)" in text and f"2 rank(s) on cpu: {nodes} node(s) x {ranks}" in text
+    assert "2 CPUs a node, interfaces NCCL lo gloo lo, USR1 600 s before the limit" in text
     from transformers import GPT2LMHeadModel
 
     assert GPT2LMHeadModel.from_pretrained(out / "final").config.n_layer == 2

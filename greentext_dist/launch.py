@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from greentext_dist.errors import UserError
 
@@ -50,7 +51,7 @@ def _free_port() -> int:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run `python -m greentext_dist.train ARGV` as `nproc` ranks; return the exit code for the whole job."""
+    """Run train.py ARGV as `nproc` ranks; return the exit code for the whole job."""
     port = str(_free_port())
     procs = []
     for rank in range(nproc):
@@ -58,7 +59,8 @@ def launch(nproc: int, argv: list[str]) -> int:
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "GREENTEXT_LAUNCHED": "1"}
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         # Sessions of their own, as torchrun does: a terminal's Ctrl-C reaches this launcher only, which forwards it once.
-        procs.append(subprocess.Popen([sys.executable, "-m", "greentext_dist.train", *argv], env=env, start_new_session=True))
+        # train.py as a file (it finds its package beside itself): works from any folder, installed or not.
+        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).with_name("train.py")), *argv], env=env, start_new_session=True))
 
     signals = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None]
     received = []

@@ -106,14 +106,11 @@ HF_EXTRA_BYTES = 3_600_000
 
 
 def checkpoint_bytes(backend: str, precision: str, n_params: int) -> tuple[int, int]:
-    """(one step checkpoint on disk, all ranks' files; its stock HF weights alone). Per parameter, as measured on
-    each engine's files (tiny, CPU) and on an H200 (XL, ZeRO-2, bf16: 23.2 GiB)."""
-    half = precision == "bf16" and backend in ("zero2", "zero3")  # DeepSpeed trains and exports 16-bit module weights
-    weights = (2 if half else 4) * n_params
-    state = {"ddp": 8 * n_params,  # AdamW's two fp32 moments; the weights are the export's
-             "fsdp": 12 * n_params,  # DCP: fp32 weights and moments
-             "zero2": weights + 12 * n_params,  # module weights, then fp32 master weights and moments
-             "zero3": 12 * n_params}[backend]  # ZeRO-3's module file holds no weights
+    """(one step checkpoint on disk, all ranks' files; its stock HF weights alone), from the engine's own numbers
+    (EngineSpec.checkpoint_bytes: per parameter, as measured on each engine's files, tiny on CPU, and XL on an H200)."""
+    from greentext_dist.engines import ENGINES
+
+    weights, state = ENGINES[backend].checkpoint_bytes(precision, n_params)
     return weights + state + HF_EXTRA_BYTES, weights + HF_EXTRA_BYTES
 
 

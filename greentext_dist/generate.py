@@ -20,7 +20,7 @@ from greentext_dist.ui import fail, results, setup_logging
 
 def as_greentext(prompt: str) -> str:
     """Prompts are written without '>': 'be me\\ngo outside' -> '>be me\\n>go outside' (any line ending, as in training)."""
-    from greentext_dist.data import one_newline
+    from greentext_dist.sources import one_newline
 
     return "\n".join(line if line.startswith(">") else ">" + line for line in one_newline(prompt).split("\n"))
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from greentext_dist.data import readable
 from greentext_dist.errors import UserError, first_line
 from greentext_dist.hub import hub_offline, is_local
-from greentext_dist.store import is_saved_dataset
+from greentext_dist.sources import is_saved_dataset, readable
 
 HUB_ID = "Rowan/hellaswag"
 

@@ -1,5 +1,6 @@
-"""`greentext-train --nproc N ...` (or `python -m greentext_dist.train --nproc N ...`): start N ranks on this machine
-and stop them the way the README promises.
+"""What every way of starting training does first (early): answer `--help`, a mistyped flag or a bad setting in well
+under a second, before torch, transformers and the engines load; and `greentext-train --nproc N ...` (or
+`python -m greentext_dist.train --nproc N ...`): start N ranks on this machine and stop them the way the README promises.
 
 torchrun starts its workers in sessions of their own, so Ctrl-C reaches only torchrun; it forwards the signal, kills the
 workers 30 s later (its shutdown timeout) whether or not their checkpoint is written, and then exits 1 with a
@@ -96,3 +97,28 @@ def launch(nproc: int, argv: list[str]) -> int:
                          "cause); rerun the same command to resume from the last checkpoint\n")
         return 1
     return code
+
+
+def early(argv: list[str]) -> None:
+    """Parse the command line before the heavy imports: exit here for --help (0), a bad setting (2, one line) or a
+    `--nproc N` launch (the job's code); return when this process should train."""
+    from greentext_dist.config import parse_args_with_sources
+
+    try:
+        n, rest = split_nproc(argv)
+        parse_args_with_sources(rest)
+    except UserError as e:
+        from greentext_dist.ui import fail
+
+        fail(str(e))
+        sys.stderr.flush()
+        os._exit(2)
+    if n is not None:
+        sys.stdout.flush()
+        os._exit(launch(n, rest))
+
+
+def interrupt_early() -> None:
+    """Ctrl-C during the imports and set-up: one line, no traceback (the graceful handler takes over in the loop)."""
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("error: interrupted outside the training steps; checkpoints on disk "
+                                                            "are intact. Fix: rerun the same command to resume\n"), os._exit(130)))

@@ -31,18 +31,24 @@ ACT_CHECKPOINTED = {"autocast": 4.0, "bf16": 2.0, "fp32": 4.0}  # the saved bloc
 LOGIT_BYTES = 12.0  # bf16 logits, their fp32 copy for the loss, and its saved log-softmax
 # torch.compile (per block, and the loss) fuses GELU and the loss's fp32 upcast: far fewer saved tensors.
 ACT_PER_LAYER_COMPILED, LOGIT_BYTES_COMPILED = 36.0, 3.1
-# Engine buffers outside DeepSpeed's model-state accounting, bytes per parameter per GPU (calibrated):
-# ZeRO-3 holds fp32 gradient-accumulation partitions and flat 16-bit copies alongside the activations.
-WORKSPACE = {"zero3": 3.5}
-# The shipped ZeRO configs reduce in fp32 under bf16 ("communication_data_type": "fp32", as DDP and FSDP do): ZeRO-2
-# casts each 200M-element reduce bucket to an fp32 copy while it reduces it (ZeRO-3's buckets are d x d: small).
-ZERO2_FP32_BUCKET = 4 * 200_000_000
-ENGINES = ["ddp", "zero2", "zero3", "fsdp", "zero2_offload", "zero3_offload", "fsdp_offload"]
 
-# ZeRO-3 on one GPU has nothing to shard but still gathers and releases every parameter around every module:
-# XL measured 8.6% MFU on an H200 (docs/benchmarks.md), against 49% for compiled DDP. The plan's step time
-# uses it, and the plan and train.py's summary steer one-GPU users to another engine.
-ZERO3_ONE_GPU_MFU = 0.086
+
+def spec_of(key: str):
+    """The registry entry of a planner row (an engine's name, or NAME_offload) and whether it offloads. What each
+    engine holds per GPU is its own knowledge (EngineSpec.states, .workspace, .compute); this module only adds."""
+    from greentext_dist.engines import ENGINES
+
+    name, _, offload = key.partition("_")
+    if name not in ENGINES or offload not in ("", "offload") or (offload and not ENGINES[name].can_offload):
+        raise ValueError(f"no planner row {key!r}: one of {', '.join(rows())}")
+    return ENGINES[name], bool(offload)
+
+
+def rows() -> list[str]:
+    """Every planner row: each engine, then each engine that can offload, offloaded."""
+    from greentext_dist.engines import ENGINES
+
+    return [*ENGINES, *(f"{name}_offload" for name, spec in ENGINES.items() if spec.can_offload)]
 
 
 @dataclass(frozen=True)
@@ -68,34 +74,14 @@ def shape_for(n_layer: int, d: int, vocab: int = VOCAB, positions: int = POSITIO
 
 
 def model_states(s: Shape, engine: str, gpus: int, precision: str = "bf16", accumulating: bool = False) -> tuple[float, float]:
-    """(bytes per GPU held through forward/backward, bytes of gradients) for one engine. `accumulating`: the step has
+    """(bytes per GPU held through forward/backward, bytes of gradients) for one planner row. `accumulating`: the step has
     several micro-batches (gradients are held across them)."""
-    n, g = s.n_params, gpus
-    if engine == "ddp":
-        # fp32 weights + Adam moments; gradients fp32 (+ DDP's bucket copy when distributed); autocast caches bf16 weights.
-        return 12 * n + (2 * n if precision == "bf16" else 0), 4 * n + (4 * n if g > 1 else 0)
-    if engine == "zero2":  # DeepSpeed: 2 (16-bit params) + 18/G (16-bit + fp32 grads, fp32 master, Adam moments)
-        return 2 * n + 12 * n / g, 6 * n / g
-    if engine == "zero2_offload":
-        return 2 * n, 0.0
-    if engine == "zero3":  # DeepSpeed: 4 x largest layer (gathered) + 18/G
-        return 4 * s.largest_layer + 14 * n / g, 4 * n / g
-    if engine == "zero3_offload":
-        return 4 * s.largest_layer, 0.0
-    # FSDP2 under accumulation (set_requires_gradient_sync(False) until the last micro-batch) keeps every parameter's
-    # gradient unsharded, in fp32 (_fsdp_param.py: to_accumulated_grad_if_needed), on the GPU even with CPU offload:
-    # 4n per GPU, not 4n/G (XL on 8 GPUs: 5.1 GiB more). Counted on the real engine at world 8 and 64 (fake process group).
-    if engine == "fsdp":  # fp32 shards of params + Adam, fp32 grad shards; two bf16 blocks gathered at a time
-        return 12 * n / g + 2 * 2 * (s.largest_layer + s.block_params), 4 * n if accumulating else 4 * n / g
-    if engine == "fsdp_offload":
-        return 2 * 2 * (s.largest_layer + s.block_params), 4 * n if accumulating else 0.0
-    raise ValueError(engine)
+    spec, offload = spec_of(engine)
+    return spec.states(s, gpus, precision, offload, accumulating)
 
 
 def compute_kind(engine: str, precision: str) -> str:
-    if precision == "fp32":
-        return "fp32"
-    return "autocast" if engine == "ddp" else "bf16"
+    return spec_of(engine)[0].compute(precision)
 
 
 def activations(s: Shape, engine: str, micro: int, seq_len: int, checkpointing: bool, precision: str = "bf16",
@@ -115,7 +101,8 @@ def peak_bytes(s: Shape, engine: str, gpus: int, micro: int, seq_len: int, check
                compiled: bool = False, grad_accum: int = 1) -> dict:
     held, grads = model_states(s, engine, gpus, precision, accumulating=grad_accum > 1)
     act = activations(s, engine, micro, seq_len, checkpointing, precision, compiled)
-    held += WORKSPACE.get(engine, 0.0) * s.n_params / gpus + (ZERO2_FP32_BUCKET if engine == "zero2" and precision == "bf16" else 0)
+    spec, offload = spec_of(engine)
+    held += 0.0 if offload else spec.workspace(s, gpus, precision)
     # Accumulating, the first micro-batch's gradients are held through every later one's forward and backward
     # (H200: XL micro 16 x 2 peaked 4.6 GiB, its fp32 gradients, above the same micro-batch alone).
     peak = held + grads + act if grad_accum > 1 else max(held + act, held + grads)
@@ -162,12 +149,13 @@ def plan_engine(model: str, engine: str, gpus: int, gpu_memory_gib: float, *, se
     held, grads = model_states(s, engine, gpus, accumulating=accum > 1)
     n_no_pos = s.n_params - POSITIONS * s.n_embd
     flops = flops_per_token(n_no_pos, s.n_layer, s.n_embd, seq_len)
-    slow = engine == "zero3" and gpus == 1
-    rows = accum * b * gpus  # the global batch and any padding of the last pass
-    step_s = rows * seq_len * flops / (gpus * peak_tflops * 1e12 * (min(mfu, ZERO3_ONE_GPU_MFU) if slow else mfu))
+    spec, offload = spec_of(engine)
+    slow = spec.alone_mfu is not None and gpus == 1 and not offload
+    padded = accum * b * gpus  # the global batch and any padding of the last pass
+    step_s = padded * seq_len * flops / (gpus * peak_tflops * 1e12 * (min(mfu, spec.alone_mfu) if slow else mfu))
     row.update(
         checkpointing=gc, micro=b, fits=mem["peak"] <= budget,
-        grad_accum=accum, padding=rows - global_batch,
+        grad_accum=accum, padding=padded - global_batch,
         params_grads_optim_gib=(held + grads) / GIB, activations_gib=mem["activations"] / GIB,
         activations_nogc_gib=activations(s, engine, b, seq_len, False, compiled=compiled) / GIB,
         activations_gc_gib=activations(s, engine, b, seq_len, True, compiled=compiled) / GIB,
@@ -220,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(box=None, pad_edge=False)
     for col in ["engine", "states GiB", "act GiB no-GC/GC", "GC", "micro", "accum", "peak GiB", "fits", "step s"]:
         table.add_column(col, justify="left" if col in ("engine", "fits", "GC") else "right", no_wrap=True)
-    for engine in ENGINES:
+    for engine in rows():
         r = plan_engine(a.model, engine, a.gpus, a.gpu_memory, seq_len=a.seq_len, global_batch=a.global_batch_size,
                         micro=a.micro_batch_size, mfu=a.mfu, peak_tflops=a.peak_tflops, compiled=a.compile)
         table.add_row(
@@ -232,9 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     console.print("states = parameters + gradients + optimizer state per GPU; act = activations + logits of one micro-batch. "
                   "Offload variants keep optimizer state (and for zero3/fsdp, parameters) in CPU memory.")
-    if a.gpus == 1:
-        console.print(f"zero3 on one GPU shards nothing and measured {ZERO3_ONE_GPU_MFU:.1%} MFU (XL, H200): pick ddp, fsdp or zero2, "
-                      "or zero3 only with offload when memory is short.")
+    from greentext_dist.engines import ENGINES
+
+    for name, spec in ENGINES.items():
+        if a.gpus == 1 and spec.alone_mfu is not None:
+            console.print(f"{name} on one GPU shards nothing and measured {spec.alone_mfu:.1%} MFU (XL, H200): pick another engine, "
+                          f"or {name} only with offload when memory is short.")
     return 0
 
 

@@ -36,6 +36,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from greentext_dist.errors import UserError, first_line
+from greentext_dist.sources import KNOWN_DATA_FILES, estimate_posts, local_files, post_hash
 
 log = logging.getLogger(__name__)
 
@@ -55,59 +56,6 @@ def default_cache_dir() -> Path:
 
 
 # ---------------------------------------------------------------- keys
-
-
-# `datasets`' own files in a folder (a hub repo's legacy dataset_infos.json, save_to_disk's), never posts, as for `datasets`.
-METADATA = {"dataset_infos.json", "dataset_info.json", "state.json", "dataset_dict.json"}
-
-
-def is_saved_dataset(path: Path) -> bool:
-    """A folder written by `datasets`' save_to_disk: a DatasetDict, or one Dataset."""
-    return (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file())
-
-
-def saved_dataset_files(path: Path) -> list[Path] | None:
-    """The .arrow files of a folder written by `datasets`' save_to_disk (a DatasetDict's 'train' split), in row order;
-    None for any other folder."""
-    if not is_saved_dataset(path):
-        return None
-    if (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        if "train" not in splits:
-            raise UserError(f"{path} is a saved DatasetDict without a 'train' split (splits: {', '.join(splits) or 'none'})",
-                            f"point at the split to read, e.g. {path / splits[0]}" if splits else "save the posts again")
-        path = path / "train"
-    state = json.loads((path / "state.json").read_text())
-    return [path / f["filename"] for f in state.get("_data_files", [])]
-
-
-def local_files(name: str) -> list[Path]:
-    """The data files of a local source: the file, a save_to_disk folder's .arrow files, or a folder's data files,
-    skipping hidden ones (an editor's .ipynb_checkpoints/ copy, `hf download`'s .cache/), __pycache__-like ones and
-    `datasets`' metadata, as `datasets` does."""
-    from greentext_dist.data import BUILDERS, data_suffix
-
-    path = Path(os.path.expanduser(name))
-    if not path.is_dir():
-        return [path]
-    if (saved := saved_dataset_files(path)) is not None:
-        return saved
-    hidden = lambda p: any(part.startswith((".", "__")) for part in p.relative_to(path).parts)  # noqa: E731
-    files = sorted(p for p in path.rglob("*") if data_suffix(p) in BUILDERS and p.is_file() and not hidden(p) and p.name not in METADATA)
-    splits = folder_splits(path)
-    return [f for f in files if f.resolve() in splits["train"]] if len(splits) > 1 and "train" in splits else files
-
-
-def folder_splits(path: Path) -> dict[str, set[Path]]:
-    """The splits `datasets` sees in a folder by its file names (data/train-*.parquet, data/test-*.parquet, ...), as
-    load_dataset(folder) does: a downloaded hub repo's test posts must not become training posts."""
-    from datasets.data_files import DataFilesDict, get_data_patterns
-
-    try:
-        resolved = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
-    except Exception:  # noqa: BLE001 - no recognisable layout: every file is data
-        return {}
-    return {str(split): {Path(f).resolve() for f in files} for split, files in resolved.items()}
 
 
 def local_fingerprint(name: str) -> list:
@@ -318,8 +266,6 @@ def ensure(source: str, text: str, tokenizer, posts: Callable[[str | None], Iter
     if key is None:  # a hub dataset, offline
         found = find_offline(cache_dir, source, text, tok_fp)
         if found is None:
-            from greentext_dist.data import KNOWN_DATA_FILES
-
             given, local = (f"{source}=WEIGHT", "DIR/FILE=WEIGHT") if flag == "--mix" else (source, f"DIR/{KNOWN_DATA_FILES.get(source, '')}")
             raise UserError(f"dataset '{source}' is on the Hugging Face hub, which is unreachable, and {cache_dir} holds no token store of it",
                             f"prepare it where the hub is reachable (python -m greentext_dist.prepare {flag} {given} --cache-dir DIR) "
@@ -381,7 +327,6 @@ def retire(path: Path) -> None:
 
 def build(path: Path, key: Key, tokenizer, texts: Iterator[str], show_progress: bool, total: int | None) -> None:
     """Tokenise `texts` into a store at `path`: written in a temporary folder, then renamed in (atomic)."""
-    from greentext_dist.data import post_hash
     from greentext_dist.ui import BuildProgress
 
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
@@ -501,27 +446,3 @@ def background(items: Iterator, depth: int) -> Iterator:
         yield item
 
 
-def estimate_posts(source: str) -> int | None:
-    """Roughly how many records a source holds, for the ETA: lines of local .jsonl/.csv, rows of .parquet/.arrow."""
-    from greentext_dist.data import data_suffix, open_bytes
-    from greentext_dist.hub import is_local
-
-    if not is_local(source):
-        return None
-    total = 0
-    for f in local_files(source):
-        if data_suffix(f) in (".jsonl", ".csv"):
-            with open_bytes(f) as fh:
-                total += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b""))
-        elif f.suffix == ".parquet":  # not data_suffix: a compressed parquet file has no footer to read
-            import pyarrow.parquet as pq
-
-            total += pq.ParquetFile(f).metadata.num_rows
-        elif f.suffix == ".arrow":
-            import pyarrow as pa
-
-            with pa.memory_map(str(f)) as mm:
-                total += sum(batch.num_rows for batch in pa.ipc.open_stream(mm))
-        else:
-            return None
-    return total or None

@@ -17,7 +17,7 @@ if __name__ == "__main__":
     if not __package__:
         # Run as a file: import the package beside this folder, and don't let its modules shadow others.
         sys.path[0] = str(Path(__file__).resolve().parents[1])
-    from greentext_dist.entry import early, interrupt_early
+    from greentext_dist.launch import early, interrupt_early
 
     interrupt_early()  # Ctrl-C during the imports and set-up: one line, no traceback (the graceful handler takes over in fit)
     early(sys.argv[1:])  # --help, a bad setting, --nproc N: answered before torch loads
@@ -196,10 +196,10 @@ def step_time(run: "Run") -> tuple[float | None, str]:
     """Seconds per optimizer step, estimated before the first (see perf.estimate_step_seconds)."""
     cfg, env, t = run.cfg, run.env, run.cfg.train
     rows = run.plan.grad_accum * t.micro_batch_size * env.world_size
-    slow = run.spec.slow_alone and env.world_size == 1 and not t.offload
+    alone = run.spec.alone_mfu if env.world_size == 1 and not t.offload else None
     return perf.estimate_step_seconds(run.engine.module, rows, cfg.data.seq_len, env.world_size, env.device, t.precision,
                                       compiled=bool(cfg.model.compile), recompute=bool(cfg.model.gradient_checkpointing),
-                                      peak=perf.peak_tflops(env.device, t.peak_tflops), mfu=planner.ZERO3_ONE_GPU_MFU if slow else None)
+                                      peak=perf.peak_tflops(env.device, t.peak_tflops), mfu=alone)
 
 
 def warn_if_slow(run: "Run", step_s: float | None, how: str) -> None:
@@ -278,9 +278,10 @@ def print_summary(run: "Run", sources: dict) -> None:
         log.warning(f"likely out of memory: planned peak {mem.peak / 2**30:.1f} GiB on a {mem.budget / 2**30:.0f} GiB GPU. "
                     + (f"Try --micro-batch-size {fit}" if fit else "Try --gradient-checkpointing, --backend zero3/fsdp or --offload")
                     + f" (see python -m greentext_dist.plan --model {cfg.model.model} --gpus {env.world_size}).")
-    if run.spec.slow_alone and env.world_size == 1 and not t.offload:
-        log.warning(f"ZeRO-3 on one GPU shards nothing and measured {planner.ZERO3_ONE_GPU_MFU:.1%} MFU (XL, H200): "
-                    "--backend ddp, fsdp or zero2 is several times faster; keep zero3 for several GPUs or with --offload.")
+    if run.spec.alone_mfu is not None and env.world_size == 1 and not t.offload:
+        log.warning(f"{t.backend} on one GPU shards nothing and measured {run.spec.alone_mfu:.1%} MFU (XL, H200): "
+                    f"another --backend ({', '.join(n for n, e in ENGINES.items() if e.alone_mfu is None)}) is several times faster; "
+                    f"keep {t.backend} for several GPUs or with --offload.")
     if (warm := warmup_steps(cfg.optim, plan.max_steps)) >= plan.max_steps > 1:
         log.warning(f"--warmup-steps {warm} is not shorter than the run ({plan.max_steps} steps): the learning rate ends at "
                     f"{lr_at(plan.max_steps - 1, cfg.optim, plan.max_steps):.3g}, below --lr {cfg.optim.lr:g}, and never decays. "

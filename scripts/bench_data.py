@@ -40,7 +40,8 @@ def scaled_corpus(src: Path, tokens: float, dest: Path) -> Path:
 def bench_prepare(corpus: Path, cache: Path, tok, repeats: int = 2) -> dict:
     """Best of `repeats` for each, alternating, so both see the same machine state. Tokens count the EOS per post."""
     from greentext_dist import store
-    from greentext_dist.data import prepare_source, source_posts
+    from greentext_dist.data import prepare_source
+    from greentext_dist.sources import source_posts
 
     texts = list(source_posts(str(corpus), None))
     raw, call, prep = [], [], []

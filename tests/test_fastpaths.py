@@ -173,7 +173,7 @@ def test_plan_cli_prints_every_engine():
     p = subprocess.run([sys.executable, "-m", "greentext_dist.plan", "--model", "xl", "--gpus", "8", "--gpu-memory", "80"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 0, p.stderr
-    for engine in planner.ENGINES:
+    for engine in planner.rows():
         assert f"\n{engine} " in p.stdout
 
 

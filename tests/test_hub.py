@@ -104,7 +104,7 @@ def test_ranks_share_one_hub_download(corpus, tmp_path, hub):
     rank 0 downloads or asks once and pins the commit, the other rank takes that commit from the cache. Hundreds of
     ranks asking the hub at once would be rate-limited, and could each see a different commit."""
     from greentext_dist import store
-    from greentext_dist.data import source_posts
+    from greentext_dist.sources import source_posts
 
     hub.models[REPO] = model_repo(tmp_path / "repo")
     tokens = tmp_path / "tokens"  # the hub dataset's store at the hub's commit, with the local corpus's posts (as if downloaded)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from greentext_dist.config import parse_args
-from greentext_dist.data import first_example, open_dataset, text_getter
+from greentext_dist.sources import first_example, open_dataset, text_getter
 from greentext_dist.errors import UserError
 
 POSTS = [">be me\n>write tests", ">be you\n\n>read them", ">mfw café 🙂"]
@@ -42,7 +42,8 @@ def test_line_endings_are_one_whatever_the_file(tmp_path):
     a .txt file already reaches us with "\\n" (Python's universal newlines), and every other format now does too."""
     import pandas as pd
 
-    from greentext_dist.data import cache_dir, prepare_source, source_posts
+    from greentext_dist.data import cache_dir, prepare_source
+    from greentext_dist.sources import source_posts
     from greentext_dist.generate import as_greentext
     from greentext_dist.tokenizer import bundled_gpt2
 
@@ -73,7 +74,7 @@ def test_compressed_files(tmp_path):
 
     import pandas as pd
 
-    from greentext_dist.data import source_posts
+    from greentext_dist.sources import source_posts
 
     jsonl = "".join(json.dumps({"text": p}) + "\n" for p in POSTS).encode()
     txt = "\n\n".join(p.replace(">be you\n\n>read them", ">be you\n>read them") for p in POSTS).encode()
@@ -109,8 +110,9 @@ def test_datasets_saved_to_disk_and_arrow_files(tmp_path):
 
     from datasets import Dataset, DatasetDict
 
-    from greentext_dist.data import cache_dir, prepare_source, source_posts
-    from greentext_dist.store import estimate_posts
+    from greentext_dist.data import cache_dir, prepare_source
+    from greentext_dist.sources import source_posts
+    from greentext_dist.sources import estimate_posts
     from greentext_dist.tokenizer import bundled_gpt2
 
     posts = [f">be me {i}\n>save to disk" for i in range(30)]
@@ -150,7 +152,7 @@ def test_byte_order_marks_and_other_encodings(tmp_path):
     UTF-8 is one line naming the file, the line and the bytes, not a decoder traceback."""
     import pandas as pd
 
-    from greentext_dist.data import source_posts
+    from greentext_dist.sources import source_posts
 
     posts = [">be me\n>café", ">be you\n>tfw"]
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + "\n\n".join(posts).encode())
@@ -185,7 +187,7 @@ def test_a_downloaded_hub_repo_and_shards_that_disagree(tmp_path):
     """`hf download --repo-type dataset` of an older repo holds dataset_infos.json beside the data: metadata, not
     posts (was a CastError traceback). A repo with train and test files trains on train's. Shards whose columns differ
     are one line naming the odd file."""
-    from greentext_dist.data import source_posts
+    from greentext_dist.sources import source_posts
 
     repo = tmp_path / "repo"
     (repo / "data").mkdir(parents=True)

@@ -107,7 +107,7 @@ def test_without_file_locks_two_builders_keep_the_first_finished_store(corpus, t
     import errno
     import fcntl
 
-    from greentext_dist.data import source_posts
+    from greentext_dist.sources import source_posts
 
     real_flock = fcntl.flock
 
@@ -275,7 +275,7 @@ def test_hub_store_is_found_offline(corpus, tmp_path):
 
 def hub_store(corpus: Path, name: str, cache: Path, tok=TOK):
     """The store of hub dataset `name` at the hub's commit, with the local corpus's posts (as if downloaded)."""
-    from greentext_dist.data import source_posts
+    from greentext_dist.sources import source_posts
 
     return store_mod.ensure(name, "post:auto", tok, lambda rev: source_posts(str(corpus), None), cache, progress=False)
 

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
     from greentext_dist.config import Config
     from greentext_dist.dist import DistEnv
+    from greentext_dist.plan import Shape
 
 
 class Engine(Protocol):
@@ -46,12 +47,23 @@ class EngineSpec:
     compile_by_default: bool  # torch.compile on a GPU unless --no-compile (measured faster there)
     can_pad_vocab: bool  # --pad-vocab is possible (not where parameters are partitioned when built)
     same_world_to_resume: bool  # its resumable state only loads on the world size that wrote it
-    slow_alone: bool = False  # nothing to shard on one rank: train.py warns and steers (ZeRO-3)
+    # What the planner (plan.py) and the disk check (checkpoint.py) know of this engine, asked through the registry:
+    # (shape, GPUs, precision, offload, accumulating) -> (bytes per GPU held through forward and backward, gradients)
+    states: Callable[[Shape, int, str, bool, bool], tuple[float, float]]
+    # (precision, n_params) -> (bytes of its stock HF weights, bytes of its resumable state) in one checkpoint
+    checkpoint_bytes: Callable[[str, int], tuple[int, int]]
+    # precision -> what its activations are made of, for plan.activations: "autocast" (fp32 weights under bf16
+    # autocast keep an fp32 residual stream), "bf16" (16-bit weights), or "fp32"
+    compute: Callable[[str], str] = lambda precision: "fp32" if precision == "fp32" else "bf16"
+    # (shape, GPUs, precision) -> buffers outside the states it keeps beside the activations (bytes per GPU)
+    workspace: Callable[[Shape, int, str], float] = lambda s, gpus, precision: 0.0
+    can_offload: bool = False  # --offload / --fsdp-cpu-offload moves state to the CPU: a planner row of its own
+    alone_mfu: float | None = None  # measured MFU on one GPU where it has nothing to shard: train.py warns and steers
     help: str = ""
 
     def plan_key(self, name: str, offload: bool) -> str:
         """This engine's row in the memory planner (plan.py)."""
-        return f"{name}_offload" if offload and name != "ddp" else name
+        return f"{name}_offload" if offload and self.can_offload else name
 
 
 def autocast(device: torch.device, precision: str) -> ContextManager:

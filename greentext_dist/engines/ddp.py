@@ -95,5 +95,14 @@ def build(cfg, env: DistEnv, grad_accum: int, weights: str | None, config) -> DD
     return apply_ddp(model, build_optimizer(model, cfg.optim, env.device), env, cfg.train.precision)
 
 
+def states(s, gpus: int, precision: str, offload: bool, accumulating: bool) -> tuple[float, float]:
+    """fp32 weights and AdamW moments; fp32 gradients, and DDP's bucket copy of them when distributed; autocast keeps
+    a bf16 copy of the weights. Under accumulation (no_sync) the gradients are whole either way."""
+    n = s.n_params
+    return 12 * n + (2 * n if precision == "bf16" else 0), 4 * n + (4 * n if gpus > 1 else 0)
+
+
 SPEC = EngineSpec(build, needs_process_group=False, compile_by_default=True, can_pad_vocab=True, same_world_to_resume=False,
+                  states=states, checkpoint_bytes=lambda precision, n: (4 * n, 8 * n),  # fp32 weights; AdamW's two fp32 moments
+                  compute=lambda precision: "fp32" if precision == "fp32" else "autocast",
                   help="one process, or DistributedDataParallel under a launcher")

@@ -86,5 +86,17 @@ def build(cfg, env: DistEnv, grad_accum: int, weights: str | None, config) -> FS
     return FSDPEngine(model, optimizer, env, t.fsdp_reshard_after_forward, t.fsdp_cpu_offload)
 
 
+def states(s, gpus: int, precision: str, offload: bool, accumulating: bool) -> tuple[float, float]:
+    """fp32 shards of the weights and AdamW moments (on the CPU with offload) and two bf16 blocks gathered at a time;
+    fp32 gradient shards. Under accumulation (set_requires_gradient_sync(False) until the last micro-batch) FSDP2
+    keeps every gradient unsharded in fp32 (_fsdp_param.py: to_accumulated_grad_if_needed), on the GPU even with CPU
+    offload: 4n per GPU, not 4n/G (XL on 8 GPUs: 5.1 GiB more). Counted on the real engine at world 8 and 64
+    (tests/test_cluster.py, on torch's fake process group)."""
+    n, gathered = s.n_params, 2 * 2 * (s.largest_layer + s.block_params)
+    held = gathered + (0.0 if offload else 12 * n / gpus)
+    return held, 4 * n if accumulating else (0.0 if offload else 4 * n / gpus)
+
+
 SPEC = EngineSpec(build, needs_process_group=True, compile_by_default=True, can_pad_vocab=True, same_world_to_resume=False,
-                  help="PyTorch FSDP2: fully_shard per block; resumes on any world size")
+                  states=states, checkpoint_bytes=lambda precision, n: (4 * n, 12 * n),  # DCP: fp32 weights and moments, head once
+                  can_offload=True, help="PyTorch FSDP2: fully_shard per block; resumes on any world size")

@@ -115,7 +115,7 @@ def load(ckpt: str, device: str | None = None):
     return model, tokenizer
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="greentext_dist.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final or out/checkpoints/step-N) or hub id (e.g. gpt2)")
     p.add_argument("--prompt", default="be me", help="opening lines, without '>', separated by newlines or a typed \\n "
@@ -129,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", default=None, help="raw text placed before the prompt, as gpt-2-simple's prefix")
     p.add_argument("--include-prefix", action=argparse.BooleanOptionalAction, default=True, help="keep the prefix in the output")
     p.add_argument("--output", default=None, help="also write samples to this .jsonl file")
-    a = p.parse_or_exit(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_or_exit(argv)
     a.prompt = a.prompt.replace("\\n", "\n")  # a shell passes "be me\ngo outside" with a backslash and an n
     setup_logging(0)
     try:

@@ -177,7 +177,7 @@ def pick_micro(global_batch: int, gpus: int, cap: int) -> int:
     return max((m for m in range(1, cap + 1) if rows(m) - global_batch <= 0.05 * rows(m)), default=exact or 1)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="greentext_dist.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="xl", choices=[m for m in PRESETS if m != "tiny"] + ["tiny"])
     p.add_argument("--gpus", type=int, default=8, help="GPUs in total")
@@ -188,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="plan for --compile (fused GELU and loss: fewer saved activations)")
     p.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation for the step time")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 peak (H100 SXM / H200: 989)")
-    a = p.parse_or_exit(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_or_exit(argv)
     if a.gpus < 1 or a.gpu_memory <= 0 or not 0 < a.mfu <= 1:
         print("error: --gpus must be >= 1, --gpu-memory > 0 and --mfu in (0, 1]. Fix: pass valid values.", file=sys.stderr)
         return 2

@@ -44,12 +44,16 @@ def push(folder: str, repo_id: str, private: bool = False) -> str:
     return getattr(info, "commit_url", f"https://huggingface.co/{repo_id}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="greentext_dist.push", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a model folder, e.g. OUT/final")
     p.add_argument("--repo-id", required=True, help="NAME or USER/NAME on the hub")
     p.add_argument("--private", action="store_true")
-    a = p.parse_or_exit(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_or_exit(argv)
     try:
         console.print(f"[green]pushed:[/] {push(a.folder, a.repo_id, a.private)}")
         return 0

@@ -108,6 +108,7 @@ class Run:
     samples: MetricsLog  # OUT/samples.jsonl (--sample-every)
     base_commit: str | None = None  # the hub commit of the pretrained weights the run started from
     step_estimate: float | None = None  # seconds per step, estimated at start (rank 0; None elsewhere or where unknown)
+    predicted: dict | None = None  # the planner's step for this layout, communication included (several GPUs it knows)
 
 
 DEFAULT_STEPS = 300
@@ -226,6 +227,19 @@ def warn_if_slow(run: "Run", step_s: float | None, how: str) -> None:
                 f"on {env.world_size} {env.device.type} rank(s).{quick}")
 
 
+def comm_prediction(run: "Run") -> dict | None:
+    """The planner's step time for this run's layout (GPUs only): printed at start, set beside the measured speed in
+    report.md, so every run checks the model (docs/scaling.md)."""
+    cfg, env, t = run.cfg, run.env, run.cfg.train
+    if env.device.type != "cuda" or not run.layout["gpus"] or cfg.model.model not in planner.MEASURED_MFU:
+        return None
+    run.predicted = planner.predict_run(
+        cfg.model.model, run.mem.shape, run.mem.key, env.world_size, run.layout["nodes"], run.layout["gpus"][0],
+        run.plan.grad_accum * t.micro_batch_size * env.world_size * cfg.data.seq_len, run.plan.grad_accum, cfg.data.seq_len,
+        bool(cfg.model.gradient_checkpointing), bool(cfg.model.compile), t.fsdp_reshard_after_forward, t.precision)
+    return run.predicted
+
+
 def print_summary(run: "Run", sources: dict) -> None:
     cfg, env, layout, engine, corpus, val_corpus, plan, mem = run.cfg, run.env, run.layout, run.engine, run.corpus, run.val_corpus, run.plan, run.mem
     model, resume_from = engine.module, run.resume_from
@@ -252,6 +266,10 @@ def print_summary(run: "Run", sources: dict) -> None:
         ("schedule", f"{plan.max_steps} steps = {plan.epochs:.2f} epochs ({plan.steps_per_epoch:.3g} steps/epoch), "
                      f"lr {cfg.optim.lr:g} warmup {warmup_steps(cfg.optim, plan.max_steps)} cosine to {cfg.optim.min_lr:g}"),
         ("memory/rank", memory_line(mem, run)),
+        *([("planned", f"{p['step_s']:.2f} s a step on {p['gpu'].upper()}s, {p['exposed_share']:.0%} of it communication that does not "
+                       f"hide ({p['comm_bytes'] / 1e9:.1f} GB of collectives per GPU; every engine: python -m greentext_dist.plan "
+                       f"--model {cfg.model.model} --gpus {env.world_size} --nodes {layout['nodes']} --gpu-type {p['gpu']})")]
+          if (p := comm_prediction(run)) else []),
         *([("time", f"~{perf.duration(step_s)} per step, ~{perf.duration(step_s * left)} for the {left} step(s) to go ({timing[1]})")]
           if (step_s := timing[0]) and (left := plan.max_steps - run.progress.step) else []),
         ("output", f"{cfg.checkpoint.output_dir}" + (f" (resuming from {resume_from})" if resume_from else "")),
@@ -708,6 +726,10 @@ def finish(run: Run) -> None:
         facts = [("model", f"GPT-2 {cfg.model.model} ({init_kind(cfg.model)})"), ("engine", f"{run.engine.name} x {env.world_size} ranks"),
                  ("batch", f"{t.global_batch_size} x {cfg.data.seq_len} tokens"), ("steps", str(step)),
                  ("OUT/final", f"step {final_step}" + (f", the best val loss {best['val_loss']:.4f}" if final.name == "best" else ", the last step"))]
+        if run.predicted:  # the measured mean throughput follows in the report: together they check the planner
+            p = run.predicted
+            facts.append(("planned throughput", f"{p['tokens_per_s']:,.0f} tokens/s ({p['step_s']:.2f} s a step, {p['exposed_share']:.0%} "
+                                                f"exposed communication; python -m greentext_dist.plan, docs/scaling.md)"))
         ckpt.publish_final(final, run.out / "final", {"README.md": model_card(run, final_step)})
         report = write_report(run.out, facts)
         console.print(f"[green]done:[/] {step} steps; model (step {final_step}) in {run.out / 'final'}; report in {report}")

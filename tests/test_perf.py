@@ -48,7 +48,7 @@ def test_zero3_is_steered_away_from_one_gpu(monkeypatch):
 
     one, eight = plan_engine("xl", "zero3", 1, 80), plan_engine("xl", "zero3", 8, 80)
     assert one["slow_on_one_gpu"] and not eight["slow_on_one_gpu"]
-    assert one["step_s"] > 4 * plan_engine("xl", "zero2", 1, 80)["step_s"]
+    assert one["step_s"] > 4 * plan_engine("xl", "ddp", 1, 80, compiled=True)["step_s"]  # compiled DDP: 44% MFU
     cfg = Config()
     monkeypatch.setenv("CROSS_SIZE", "1")
     monkeypatch.setenv("LOCAL_SIZE", "1")

@@ -38,6 +38,31 @@ class Engine(Protocol):
 
 
 @dataclass(frozen=True)
+class Traffic:
+    """One kind of collective an engine runs in an optimizer step, for the planner's communication model."""
+
+    collective: str  # all_reduce | all_gather | reduce_scatter
+    what: str  # "gradients", "parameters (forward)", ...
+    bytes: float  # per GPU per optimizer step, sized as NCCL's tests size it: the all-reduced buffer, an all-gather's
+    #               full output, a reduce-scatter's full input (scripts/bench_comm.py counts the same on real engines)
+    hides_behind: str  # "forward" or "backward": the compute it overlaps (bucket by bucket, block by block); "" exposed
+    micro_batches: int = 1  # over how many micro-batches' forward or backward the bytes are spread
+    unit: float = 0.0  # bytes, per micro-batch, of the piece that cannot hide: a last bucket, a first or last unit
+    calls: int = 1  # launches per optimizer step (buckets, units, modules): each pays NCCL's latency
+
+
+def buckets(sizes, cap: float, first: float | None = None) -> int:
+    """How many buckets a greedy bucketer makes of `sizes` taken in order: a bucket closes once it holds `cap` or more
+    (the first one at `first`), so a tensor larger than the cap ends a bucket of its own."""
+    count, held = 0, 0.0
+    for size in sizes:
+        held += size
+        if held >= (first if first is not None and count == 0 else cap):
+            count, held = count + 1, 0.0
+    return count + (held > 0)
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     """One registry entry. `build(cfg, env, grad_accum, weights, config)` makes the model the way this engine
     needs it (ZeRO-3: partitioned from the start; FSDP: sharded) and returns the engine."""
@@ -57,6 +82,11 @@ class EngineSpec:
     compute: Callable[[str], str] = lambda precision: "fp32" if precision == "fp32" else "bf16"
     # (shape, GPUs, precision) -> buffers outside the states it keeps beside the activations (bytes per GPU)
     workspace: Callable[[Shape, int, str], float] = lambda s, gpus, precision: 0.0
+    # (shape, GPUs, micro-batches per step, precision, offload, reshard after forward) -> its collectives in one step
+    comm: Callable[[Shape, int, int, str, bool, bool], list[Traffic]] = lambda s, gpus, accum, precision, offload, reshard: []
+    # (shape, precision) -> bytes per GPU it holds more with --no-fsdp-reshard-after-forward (parameters kept gathered
+    # from forward to backward); None: the engine has no such choice
+    kept_gathered: Callable[[Shape, str], float] | None = None
     can_offload: bool = False  # --offload / --fsdp-cpu-offload moves state to the CPU: a planner row of its own
     alone_mfu: float | None = None  # measured MFU on one GPU where it has nothing to shard: train.py warns and steers
     help: str = ""

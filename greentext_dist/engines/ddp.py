@@ -10,7 +10,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from greentext_dist.dist import DistEnv
-from greentext_dist.engines.base import EngineSpec, autocast
+from greentext_dist.engines.base import EngineSpec, Traffic, autocast, buckets
 from greentext_dist.model import apply_compile, build_model, lm_logits, pad_vocab, save_hf, true_vocab
 from greentext_dist.optim import build_optimizer
 
@@ -102,7 +102,20 @@ def states(s, gpus: int, precision: str, offload: bool, accumulating: bool) -> t
     return 12 * n + (2 * n if precision == "bf16" else 0), 4 * n + (4 * n if gpus > 1 else 0)
 
 
+DDP_BUCKET, DDP_FIRST_BUCKET = 25 * 2**20, 2**20  # DistributedDataParallel's bucket_cap_mb and its first bucket
+
+
+def comm(s, gpus: int, accum: int, precision: str, offload: bool, reshard: bool) -> list[Traffic]:
+    """One all-reduce of the fp32 gradients a step, bucket by bucket during the last micro-batch's backward (no_sync
+    before it); the last bucket waits for the backward's end. Buckets fill in backward order (the parameters
+    reversed), the first at 1 MiB."""
+    if gpus == 1:
+        return []
+    calls = buckets([4 * n for n in reversed(s.parameters())], DDP_BUCKET, DDP_FIRST_BUCKET)
+    return [Traffic("all_reduce", "gradients, fp32, last micro-batch", 4 * s.n_params, "backward", 1, DDP_BUCKET, calls)]
+
+
 SPEC = EngineSpec(build, needs_process_group=False, compile_by_default=True, can_pad_vocab=True, same_world_to_resume=False,
                   states=states, checkpoint_bytes=lambda precision, n: (4 * n, 8 * n),  # fp32 weights; AdamW's two fp32 moments
-                  compute=lambda precision: "fp32" if precision == "fp32" else "autocast",
+                  compute=lambda precision: "fp32" if precision == "fp32" else "autocast", comm=comm,
                   help="one process, or DistributedDataParallel under a launcher")

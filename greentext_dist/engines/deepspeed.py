@@ -17,7 +17,7 @@ from greentext_dist.config import Config
 from greentext_dist.configs import DEEPSPEED
 from greentext_dist.dist import DistEnv
 from greentext_dist.errors import UserError
-from greentext_dist.engines.base import EngineSpec
+from greentext_dist.engines.base import EngineSpec, Traffic, buckets
 from greentext_dist.model import apply_compile, build_model, lm_logits, pad_vocab, save_hf, true_vocab
 
 DS_CONFIGS = DEEPSPEED  # shipped in the package; ds_configs/ in a clone links here
@@ -246,6 +246,63 @@ def zero3_states(s, gpus: int, precision: str, offload: bool, accumulating: bool
 ZERO2_FP32_BUCKET = 4 * 200_000_000
 
 
+ZERO2_BUCKET = 200_000_000  # ds_configs/zero2.json: reduce_bucket_size and allgather_bucket_size, in elements
+ZERO3_PERSIST, ZERO3_REUSE = 10, 1_000_000_000  # "auto" persistence threshold (x d), stage3_max_reuse_distance
+
+
+def zero2_comm(s, gpus: int, accum: int, precision: str, offload: bool, reshard: bool) -> list[Traffic]:
+    """ZeRO-2 reduces every micro-batch's gradients (it has no no_sync), in fp32 ("communication_data_type"),
+    bucket by bucket during backward: DeepSpeed 0.19 all-reduces each bucket (use_multi_rank_bucket_allreduce) and
+    keeps its partition. After the optimizer step every rank all-gathers the updated 16-bit parameters, with no
+    compute to hide behind. Counted on the real engine by scripts/bench_comm.py."""
+    if gpus == 1:
+        return []
+    n, width = s.n_params, 2 if precision == "bf16" else 4
+    decayed = s.largest_layer + (n - s.largest_layer - s.n_layer * s.block_params - 2 * s.n_embd) + s.n_layer * 12 * s.n_embd**2
+    gathers = sum(max(1, group // ZERO2_BUCKET) for group in (decayed, n - decayed))  # per optimizer param group
+    return [Traffic("all_reduce", "gradients, fp32, every micro-batch", 4 * n * accum, "backward", accum, 4 * min(n, ZERO2_BUCKET),
+                    -(-n // ZERO2_BUCKET) * accum),
+            Traffic("all_gather", "updated parameters, after the step", width * n, "", calls=gathers)]
+
+
+def zero3_split(s, reuse: int = ZERO3_REUSE) -> tuple[int, int]:
+    """(parameters ZeRO-3 partitions, parameters it gathers again in backward). Tensors under the persistence threshold
+    (10 d: biases and layer norms) stay whole on every rank. A gathered parameter is kept from its forward use to its
+    backward use when fewer than `reuse` (stage3_max_reuse_distance) elements are fetched in between: about twice the
+    blocks after it, plus the tied head. Once any block is gathered again, so are the embeddings (their backward
+    comes last). Medium and smaller keep everything; Large gathers its first 12 blocks again, XL its first 33."""
+    d, block = s.n_embd, 12 * s.n_embd**2
+    partitioned = s.n_params - (s.n_layer * 13 * d + 2 * d)
+    again = sum(block for i in range(s.n_layer) if 2 * block * (s.n_layer - 1 - i) + s.largest_layer >= reuse)
+    if again:
+        again += partitioned - s.n_layer * block
+    return partitioned, again
+
+
+def zero3_comm(s, gpus: int, accum: int, precision: str, offload: bool, reshard: bool, reuse: int = ZERO3_REUSE) -> list[Traffic]:
+    """Every micro-batch: the partitioned 16-bit parameters all-gathered in forward (prefetched module by module) and
+    those released since gathered again in backward; every fp32 gradient reduce-scattered in backward (the persistent
+    ones too). After the step, the persistent parameters are gathered from their owners. The embedding is gathered
+    first and reduced last: nothing to hide behind. Counted on the real engine by scripts/bench_comm.py (with the
+    shipped reuse distance, and with 0: everything gathered twice)."""
+    if gpus == 1:
+        return []
+    width, d = 2 if precision == "bf16" else 4, s.n_embd
+    partitioned, again = zero3_split(s, reuse)
+    modules = 2 + 4 * s.n_layer  # wte, wpe and each block's four projections hold partitioned weights: a fetch each
+    # Gradients are reduce-scattered in reduce_bucket_size ("auto": d x d elements) buckets, in backward order.
+    reduces = buckets(reversed(s.parameters()), d * d) * accum
+    out = [Traffic("all_gather", "parameters, forward", width * partitioned * accum, "forward", accum, width * s.largest_layer,
+                   modules * accum)]
+    if again:  # an upper bound on its launches: DeepSpeed coalesces some of backward's prefetches
+        share = again / partitioned
+        out.append(Traffic("all_gather", "parameters, backward", width * again * accum, "backward", accum, 0.0,
+                           max(1, round(modules * share)) * accum))
+    return out + [Traffic("reduce_scatter", "gradients, fp32, every micro-batch", 4 * s.n_params * accum, "backward", accum,
+                          4 * s.largest_layer, reduces),
+                  Traffic("all_gather", "persistent parameters, after the step", width * (s.n_params - partitioned), "")]
+
+
 def checkpoint_bytes(precision: str, n: int, stage: int) -> tuple[int, int]:
     """DeepSpeed trains and exports 16-bit module weights under bf16. Its state: fp32 master weights and moments, and
     under ZeRO-2 the module weights again (ZeRO-3's module file holds none). Measured: XL ZeRO-2 bf16, 23.2 GiB."""
@@ -260,6 +317,7 @@ def half(precision: str) -> str:
 ZERO2 = EngineSpec(build, needs_process_group=True, compile_by_default=False, can_pad_vocab=True, same_world_to_resume=True,
                    states=zero2_states, checkpoint_bytes=lambda precision, n: checkpoint_bytes(precision, n, 2), compute=half,
                    workspace=lambda s, gpus, precision: ZERO2_FP32_BUCKET if precision == "bf16" else 0.0, can_offload=True,
+                   comm=zero2_comm,
                    help="DeepSpeed ZeRO-2 (ds_configs/zero2.json)")
 # ZeRO-3 on one GPU has nothing to shard but still gathers and releases every parameter around every module: XL
 # measured 8.6% MFU on an H200 (docs/benchmarks.md) against 49% for compiled DDP. It holds fp32 gradient-accumulation
@@ -267,4 +325,5 @@ ZERO2 = EngineSpec(build, needs_process_group=True, compile_by_default=False, ca
 ZERO3 = EngineSpec(build, needs_process_group=True, compile_by_default=False, can_pad_vocab=False, same_world_to_resume=True,
                    states=zero3_states, checkpoint_bytes=lambda precision, n: checkpoint_bytes(precision, n, 3), compute=half,
                    workspace=lambda s, gpus, precision: 3.5 * s.n_params / gpus, can_offload=True, alone_mfu=0.086,
+                   comm=zero3_comm,
                    help="DeepSpeed ZeRO-3 (ds_configs/zero3.json), built partitioned")

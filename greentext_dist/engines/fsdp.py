@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from greentext_dist.dist import DistEnv
-from greentext_dist.engines.base import EngineSpec
+from greentext_dist.engines.base import EngineSpec, Traffic
 from greentext_dist.engines.ddp import LocalEngine
 from greentext_dist.errors import UserError
 from greentext_dist.model import apply_compile, build_model, pad_vocab, save_hf
@@ -97,6 +97,23 @@ def states(s, gpus: int, precision: str, offload: bool, accumulating: bool) -> t
     return held, 4 * n if accumulating else (0.0 if offload else 4 * n / gpus)
 
 
+def comm(s, gpus: int, accum: int, precision: str, offload: bool, reshard: bool) -> list[Traffic]:
+    """Each micro-batch gathers every unit's 16-bit parameters in forward (prefetching the next block) and, resharded
+    after forward, again in backward; the fp32 gradients are reduce-scattered once, in the last micro-batch's backward
+    (set_requires_gradient_sync). The root unit (wte, wpe, ln_f) is gathered first and reduced last: its collectives
+    have no compute to hide behind. Counted on the real engine by scripts/bench_comm.py."""
+    if gpus == 1:
+        return []
+    width, units = 2 if precision == "bf16" else 4, s.n_layer + 1  # a launch per unit: each block, and the root
+    root = s.n_params - s.n_layer * s.block_params
+    out = [Traffic("all_gather", "parameters, forward", width * s.n_params * accum, "forward", accum, width * root, units * accum)]
+    if reshard:
+        out.append(Traffic("all_gather", "parameters, backward", width * s.n_params * accum, "backward", accum, 0.0, units * accum))
+    out.append(Traffic("reduce_scatter", "gradients, fp32, last micro-batch", 4 * s.n_params, "backward", 1, 4 * root, units))
+    return out
+
+
 SPEC = EngineSpec(build, needs_process_group=True, compile_by_default=True, can_pad_vocab=True, same_world_to_resume=False,
-                  states=states, checkpoint_bytes=lambda precision, n: (4 * n, 12 * n),  # DCP: fp32 weights and moments, head once
+                  states=states, comm=comm, kept_gathered=lambda s, precision: (2 if precision == "bf16" else 4) * s.n_params,
+                  checkpoint_bytes=lambda precision, n: (4 * n, 12 * n),  # DCP: fp32 weights and moments, head once
                   can_offload=True, help="PyTorch FSDP2: fully_shard per block; resumes on any world size")

@@ -61,6 +61,14 @@ def mps_available() -> bool:
 
 
 _ours: dict[str, str] = {}  # environment variables init_distributed set, taken back by shutdown()
+_destroy = None  # how shutdown() ends the group, where a library keeps references of its own to it (destroy_with)
+
+
+def destroy_with(fn) -> None:
+    """End this run's process group with `fn` instead of torch's destroy_process_group: DeepSpeed caches groups made
+    from it, and a second run in the same process (the Python API) would use them after the group is gone."""
+    global _destroy
+    _destroy = fn
 
 
 def _set_env(key: str, value: str) -> None:
@@ -146,8 +154,10 @@ def barrier() -> None:
 def shutdown() -> None:
     """Leave the process as it was: no process group, and none of the variables a one-rank group set (a process
     started later from this one, or a second `train(...)` call, would otherwise take its MASTER_PORT)."""
+    global _destroy
     if dist.is_initialized():
-        dist.destroy_process_group()
+        (_destroy or dist.destroy_process_group)()
+    _destroy = None
     while _ours:
         key, value = _ours.popitem()
         if os.environ.get(key) == value:

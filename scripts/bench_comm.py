@@ -5,7 +5,8 @@ prediction (greentext_dist/plan.py, from each engine's EngineSpec.comm).
     python scripts/bench_comm.py --ranks 2 --engines ddp zero3 --json
 
 Each rank runs the real training setup (train.setup: the engine built as train.py builds it) and two optimizer steps
-through train.train_step; the second is counted. Counting is a TorchDispatchMode that sees every c10d collective
+through train.train_step; the second is counted. One launch of the ranks runs every engine and accumulation in turn,
+each in a process group of its own. Counting is a TorchDispatchMode that sees every c10d collective
 the process issues (DDP's C++ reducer, FSDP2's and DeepSpeed's Python calls alike) and records its size the way
 NCCL's tests do: the buffer that is all-reduced, the full output of an all-gather, the full input of a
 reduce-scatter. FSDP2 is also counted at world 8 and 64 in one process under torch's fake process group.
@@ -79,9 +80,10 @@ def counter():
     return CommCounter()
 
 
-def rank_main(rank: int, world: int, port: int, engine: str, accum: int, extra: list[str], data: str, out_dir: str, q) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+def rank_main(rank: int, world: int, ports: list[int], jobs: list[tuple[str, int, list[str]]], data: str, out: str, q) -> None:
+    """One rank: every job (engine, accumulation, extra flags) in turn, each in a process group of its own."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     import logging
 
     import torch
@@ -92,50 +94,72 @@ def rank_main(rank: int, world: int, port: int, engine: str, accum: int, extra: 
     logging.disable(logging.WARNING)
     sys.stdout = open(os.devnull, "w")  # the ranks' start summaries: this script prints the table
     micro = 2
-    cfg, sources = parse_args_with_sources([
-        "--model", "tiny", "--dataset", data, "--output-dir", out_dir, "--backend", engine, "--seq-len", "32",
-        "--precision", "bf16", "--dropout", "0", "--val-fraction", "0", "--micro-batch-size", str(micro),
-        "--global-batch-size", str(micro * world * accum), "--max-steps", "2", "--no-compile", "--save-every", "0",
-        "--log-every", "1000", *extra])
-    run = train.setup(cfg, sources)
-    engine_ = run.engine
-    g = torch.Generator().manual_seed(rank)
+    for i, (port, (engine, accum, extra)) in enumerate(zip(ports, jobs)):
+        os.environ["MASTER_PORT"] = str(port)
+        out_dir = os.path.join(out, str(i))
+        cfg, sources = parse_args_with_sources([
+            "--model", "tiny", "--dataset", data, "--output-dir", out_dir, "--backend", engine, "--seq-len", "32",
+            "--precision", "bf16", "--dropout", "0", "--val-fraction", "0", "--micro-batch-size", str(micro),
+            "--global-batch-size", str(micro * world * accum), "--max-steps", "2", "--no-compile", "--save-every", "0",
+            "--log-every", "1000", *extra])
+        run = train.setup(cfg, sources)
+        engine_ = run.engine
+        g = torch.Generator().manual_seed(rank)
 
-    def step():
-        batches = []
-        for _ in range(run.plan.grad_accum):
-            x = torch.randint(0, 50257, (micro, 32), generator=g)
-            batches.append((x, x.clone(), None))
-        train.train_step(engine_, batches, 1.0, run.env.device)
+        def step():
+            batches = []
+            for _ in range(run.plan.grad_accum):
+                x = torch.randint(0, 50257, (micro, 32), generator=g)
+                batches.append((x, x.clone(), None))
+            train.train_step(engine_, batches, 1.0, run.env.device)
 
-    step()  # the first step builds what engines build lazily (DeepSpeed's buckets, FSDP2's lazy init)
-    count = counter()
-    with count:
-        step()
-    if rank == 0:
-        c = engine_.module.config
-        q.put({"bytes": dict(count.bytes), "calls": dict(count.calls), "grad_accum": run.plan.grad_accum,
-               "shape": [c.n_layer, c.n_embd, c.vocab_size, c.n_positions]})
-    train.shutdown()
+        step()  # the first step builds what engines build lazily (DeepSpeed's buckets, FSDP2's lazy init)
+        count = counter()
+        with count:
+            step()
+        if rank == 0:
+            c = engine_.module.config
+            q.put({"bytes": dict(count.bytes), "calls": dict(count.calls), "grad_accum": run.plan.grad_accum,
+                   "shape": [c.n_layer, c.n_embd, c.vocab_size, c.n_positions]})
+        train.shutdown()
 
 
-def launched(engine: str, world: int, accum: int, extra: list[str], data: Path) -> dict:
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports, one for each job's process group."""
+    out: list[int] = []
+    while len(out) < count:
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+        if port not in out:
+            out.append(port)
+    return out
+
+
+def launched(world: int, jobs: list[tuple[str, int, list[str]]], data: Path) -> list[dict]:
+    """Every job on `world` real ranks, in one launch (the ranks import torch, transformers and DeepSpeed once)."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
+    ports = free_ports(len(jobs))
     with tempfile.TemporaryDirectory() as out:
-        procs = [ctx.Process(target=rank_main, args=(r, world, port, engine, accum, extra, str(data), out, q)) for r in range(world)]
+        procs = [ctx.Process(target=rank_main, args=(r, world, ports, jobs, str(data), out, q)) for r in range(world)]
         for p in procs:
             p.start()
+        got = []
+        while len(got) < len(jobs):
+            try:
+                got.append(q.get(timeout=600))
+            except Exception:
+                break
         for p in procs:
             p.join(600)
-        if any(p.exitcode != 0 for p in procs):
-            raise SystemExit(f"{engine} on {world} ranks failed (exit codes {[p.exitcode for p in procs]})")
-    return q.get(timeout=10)
+    if any(p.exitcode != 0 for p in procs) or len(got) < len(jobs):
+        done = len(got)
+        raise SystemExit(f"{jobs[done][0] if done < len(jobs) else 'the last job'} on {world} ranks failed "
+                         f"(exit codes {[p.exitcode for p in procs]})")
+    return got
 
 
 def fake_fsdp(world: int, accum: int, reshard: bool) -> dict:
@@ -216,10 +240,10 @@ def main() -> int:
         config["zero_optimization"]["stage3_max_reuse_distance"] = 0
         reuse0.write_text(json.dumps(config))
         extra = {"fsdp keep": ["--no-fsdp-reshard-after-forward"], "zero3 reuse 0": ["--ds-config", str(reuse0)]}
-        for variant in a.variants:
-            for world in a.ranks:
-                for accum in a.accum:
-                    rows += rows_of(variant, world, launched(variant.split()[0], world, accum, extra.get(variant, []), data))
+        jobs = [(variant, accum) for variant in a.variants for accum in a.accum]
+        for world in a.ranks:
+            got = launched(world, [(v.split()[0], accum, extra.get(v, [])) for v, accum in jobs], data)
+            rows += [r for (variant, _), one in zip(jobs, got) for r in rows_of(variant, world, one)]
     for variant in [v for v in a.variants if v.startswith("fsdp")]:
         for world in a.fake:
             for accum in a.accum:

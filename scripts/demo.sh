@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash scripts/setup.sh
 OUT=${DEMO_OUT:-runs/demo}
+# Two CPU threads whatever the machine: a float sum's order follows the thread count, and the samples the README shows
+# follow from every step's exact loss.
+export OMP_NUM_THREADS=${DEMO_THREADS:-2}
 "$PY" -m greentext_dist.train \
   --model tiny --dataset greentext_dist/data/demo_greentexts.jsonl \
   --seq-len 128 --global-batch-size 8 --micro-batch-size 8 --max-steps "${DEMO_STEPS:-200}" \

@@ -244,6 +244,24 @@ def test_python_api_runs_twice_in_one_process(corpus, tmp_path):
         assert dict(os.environ) == before
 
 
+def test_python_api_runs_the_deepspeed_engines_and_others_in_one_process(corpus, tmp_path):
+    """A notebook trains with ZeRO-3, then ZeRO-2, then DDP: DeepSpeed keeps groups cloned from the first run's process
+    group (a second run raised "Group ... is not registered"), and transformers kept the ZeRO-3 config (the next model
+    was built partitioned). Each run ends them; the three curves are the one-process reference's."""
+    from greentext_dist import train
+
+    settings = dict(model="tiny", dataset=str(corpus), seq_len=32, precision="fp32", dropout=0.0, global_batch_size=2,
+                    micro_batch_size=2, max_steps=2, eval_every=0, val_fraction=0.0, save_every=0)
+    curves = []
+    for backend in ("zero3", "zero2", "ddp"):
+        train(output_dir=str(tmp_path / backend), backend=backend, **settings)
+        curves.append(train_losses(tmp_path / backend))
+    assert curves[0] == pytest.approx(curves[2], rel=1e-6) and curves[1] == pytest.approx(curves[2], rel=1e-6)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    assert not is_deepspeed_zero3_enabled()
+
+
 def test_python_api_points_a_datasets_object_to_save_to_disk(corpus, tmp_path):
     """A notebook user passes the Dataset they loaded: one line that says how to hand it over, and that way works."""
     from datasets import load_dataset

@@ -15,7 +15,7 @@ import torch
 
 from greentext_dist.config import Config
 from greentext_dist.configs import DEEPSPEED
-from greentext_dist.dist import DistEnv
+from greentext_dist.dist import DistEnv, destroy_with
 from greentext_dist.errors import UserError
 from greentext_dist.engines.base import EngineSpec, Traffic, buckets
 from greentext_dist.model import apply_compile, build_model, lm_logits, pad_vocab, save_hf, true_vocab
@@ -84,12 +84,26 @@ def prepare_deepspeed(ds_config: dict, device: torch.device) -> None:
     except BaseException:
         sys.stdout.write(captured.getvalue())  # what it printed may say why it failed
         raise
+    destroy_with(end_run)
     if device.type == "cpu":
         release_shm_names()
     if ds_config["zero_optimization"]["stage"] == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         _hf_ds_config = HfDeepSpeedConfig(ds_config)
+
+
+def end_run() -> None:
+    """Leave nothing of this run for a next one in the same process (the Python API, a notebook): DeepSpeed's own
+    destroy also forgets the groups it cloned from ours, and transformers forgets the ZeRO-3 config (it would build
+    the next model partitioned)."""
+    import deepspeed
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    global _hf_ds_config
+    _hf_ds_config = None
+    unset_hf_deepspeed_config()
+    deepspeed.comm.destroy_process_group()
 
 
 def shm_name(rank: int) -> Path:

@@ -8,7 +8,6 @@ previous checkpoints untouched, and a folder without a valid manifest is never r
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -20,85 +19,12 @@ import torch
 
 from greentext_dist.dist import barrier
 from greentext_dist.errors import UserError
+from greentext_dist.files import MANIFEST, _fsync_dir, _in_parallel, _sha256, atomic_write_text, verify, write_manifest  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _in_parallel(fn, items: list) -> list:
-    """fn over items on a few threads: hashing and fsync release the GIL, and a checkpoint is several files (shards,
-    per-rank optimizer states) of up to gigabytes, which rank 0 would otherwise read one after another while every
-    other rank waits."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if len(items) < 2:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(min(8, len(items), os.cpu_count() or 1)) as pool:
-        return list(pool.map(fn, items))
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def write_manifest(folder: Path) -> None:
-    """manifest.json: size and sha256 of every file. Files are made readable as the umask allows (some writers
-    create 0600 files), so a group can read a shared checkpoint or final model."""
-    for p in folder.rglob("*"):
-        if p.is_file():
-            os.chmod(p, 0o666 & ~_UMASK)
-    def entry(p: Path) -> dict:
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-        return {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-
-    paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
-    files = {str(p.relative_to(folder)): e for p, e in zip(paths, _in_parallel(entry, paths))}
-    for d in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
-        _fsync_dir(d)
-    atomic_write_text(folder / MANIFEST, json.dumps({"files": files}, indent=1))
-
-
-def verify(folder: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else what is wrong."""
-    try:
-        files = json.loads((folder / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return "no valid manifest (the save did not finish)"
-    for rel, meta in files.items():  # sizes first: a truncated file is found without reading anything
-        p = folder / rel
-        if not p.is_file():
-            return f"{rel} is missing"
-        if p.stat().st_size != meta["bytes"]:
-            return f"{rel} has {p.stat().st_size} bytes, expected {meta['bytes']}"
-    sums = _in_parallel(_sha256, [folder / rel for rel in files])
-    return next((f"{rel} does not match its checksum" for (rel, meta), got in zip(files.items(), sums) if got != meta["sha256"]), None)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # The tokenizer, config and manifest files of every checkpoint (tokenizer.json is 3.6 MB).

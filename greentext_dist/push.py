@@ -35,9 +35,10 @@ def push(folder: str, repo_id: str, private: bool = False) -> str:
         raise UserError("not logged in to the Hugging Face hub", "run `hf auth login` (or set HF_TOKEN) and try again") from None
     try:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # a bare NAME becomes USER/NAME
-        # A checkpoint's train_state/ (optimizer, RNG) is for resuming here, not for users of the model.
+        # The model is the folder's top-level files: a checkpoint's train_state/ (optimizer, RNG) and what is derived
+        # from it (universal/, for resuming on another world size) are for resuming here, not for users of the model.
         info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="greentext_dist: upload fine-tuned GPT-2",
-                                 ignore_patterns=["train_state/*", MANIFEST, ".*"])
+                                 ignore_patterns=["*/*", MANIFEST, ".*"])
     except HfHubHTTPError as e:
         raise UserError(f"the hub refused the upload to {repo_id}: {first_line(e)}",
                         "check the repo id and that your token may write to it") from None

@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
+import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -15,12 +18,15 @@ import torch
 
 from greentext_dist.config import Config
 from greentext_dist.configs import DEEPSPEED
-from greentext_dist.dist import DistEnv, destroy_with
+from greentext_dist.dist import DistEnv, destroy_with, on_main
 from greentext_dist.errors import UserError
 from greentext_dist.engines.base import EngineSpec, Traffic, buckets
+from greentext_dist.files import derived
 from greentext_dist.model import apply_compile, build_model, lm_logits, pad_vocab, save_hf, true_vocab
 
+log = logging.getLogger(__name__)
 DS_CONFIGS = DEEPSPEED  # shipped in the package; ds_configs/ in a clone links here
+UNIVERSAL = "universal"  # beside a checkpoint's train_state/: its DeepSpeed state without a world size, made on demand
 _hf_ds_config = None  # transformers reads the live HfDeepSpeedConfig through a weak reference: keep it alive
 
 
@@ -91,6 +97,37 @@ def prepare_deepspeed(ds_config: dict, device: torch.device) -> None:
         from transformers.integrations import HfDeepSpeedConfig
 
         _hf_ds_config = HfDeepSpeedConfig(ds_config)
+
+
+def saved_world(state: Path) -> int:
+    """How many data-parallel ranks wrote a DeepSpeed state (each writes its own optimizer partition); 0: none here."""
+    return len(list((state / "deepspeed").glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+
+def universal_copy(state: Path) -> Path:
+    """A checkpoint's DeepSpeed state in DeepSpeed's universal layout (no world size in it), converted by DeepSpeed's
+    own converter and kept as step-N/universal: made whole or not at all (files.derived), so a conversion killed
+    halfway is never loaded and a damaged copy is converted again."""
+    size = sum(p.stat().st_size for p in state.rglob("*") if p.is_file())
+    free = shutil.disk_usage(state.parent).free
+    if not (state.parent / UNIVERSAL).is_dir() and free < 1.1 * size:
+        raise UserError(f"resuming {state.parent} on another number of ranks converts its DeepSpeed state once, which needs "
+                        f"{size / 2**30:.1f} GiB beside it; {free / 2**30:.1f} GiB are free",
+                        "free disk space there, or resume on the number of ranks that wrote it")
+
+    def convert(tmp: Path) -> None:
+        # In a fresh interpreter: its worker pool forks, which deadlocks in a process that holds a process group and
+        # torch's threads. ZeRO-1/2 checkpoints need universal_checkpoint_info, which ours (and most) lack: injected.
+        workers = str(min(4, os.cpu_count() or 1))
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(state / "deepspeed"),
+               "--output_folder", str(tmp / UNIVERSAL), "--num_extract_workers", workers, "--num_merge_workers", workers,
+               "--inject_missing_state"]
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if p.returncode != 0:
+            raise UserError(f"DeepSpeed could not convert {state} to its universal checkpoint:\n{(p.stdout + p.stderr)[-2000:]}",
+                            "resume on the number of ranks that wrote it")
+
+    return derived(state.parent / UNIVERSAL, convert, log.warning)
 
 
 def end_run() -> None:
@@ -188,10 +225,40 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(folder), tag="deepspeed")
 
     def load_state(self, folder: Path) -> None:
+        """The checkpoint's state; written by another number of ranks, through DeepSpeed's universal checkpoint: rank 0
+        converts it once (kept beside it), every rank loads its own partition of that."""
         # DeepSpeed's own format is pickled (torch.load without weights_only): the one documented exception.
-        path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
-        if path is None:
-            raise UserError(f"no DeepSpeed state in {folder}", "resume from a checkpoint written with a DeepSpeed --backend")
+        wrote = saved_world(folder)
+        if wrote in (0, self.env.world_size):
+            path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
+            if path is None:
+                raise UserError(f"no DeepSpeed state in {folder}", "resume from a checkpoint written with a DeepSpeed --backend")
+            return
+        if self.env.is_main:
+            log.warning(f"{folder.parent} was written by {wrote} ranks, this run has {self.env.world_size}: resuming through "
+                        f"DeepSpeed's universal checkpoint ({'kept from an earlier resume' if (folder.parent / UNIVERSAL).is_dir() else 'converting it once'}, "
+                        f"in {folder.parent / UNIVERSAL})")
+        universal = on_main(universal_copy, folder)
+        # DeepSpeed's ZeRO-3 universal loader gives every parameter group the hyperparameters of the first: the biases
+        # and norms would be decayed. Ours are put back (the learning rate is set every step anyway).
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            self.engine.load_checkpoint(str(universal), tag=UNIVERSAL, load_optimizer_states=True, load_lr_scheduler_states=False)
+        finally:
+            # Left on, ZeRO-3 would write only rank 0's model states at the next save (DeepSpeed #7546): the checkpoints
+            # this run writes are ordinary ones for its own world size.
+            self.engine._config.load_universal_checkpoint = False
+        for group, kept in zip(self.optimizer.param_groups, hyper):
+            group.update(kept)
+        # It also hands every partition the one `step` tensor, which AdamW then advances once per partition (the bias
+        # correction runs ahead): each gets its own.
+        seen = set()
+        for state in getattr(self.engine.optimizer, "optimizer", self.engine.optimizer).state.values():
+            if torch.is_tensor(step := state.get("step")):
+                if id(step) in seen:
+                    state["step"] = step.clone()
+                seen.add(id(step))
 
     def export_hf(self, folder: Path, max_shard_size: str) -> None:
         """Sharded safetensors of the 16-bit (or fp32) weights. Under ZeRO-3 the parameters are gathered one
@@ -328,7 +395,7 @@ def half(precision: str) -> str:
     return "fp32" if precision == "fp32" else "bf16"
 
 
-ZERO2 = EngineSpec(build, needs_process_group=True, compile_by_default=False, can_pad_vocab=True, same_world_to_resume=True,
+ZERO2 = EngineSpec(build, needs_process_group=True, compile_by_default=False, can_pad_vocab=True, same_world_to_resume=False,
                    states=zero2_states, checkpoint_bytes=lambda precision, n: checkpoint_bytes(precision, n, 2), compute=half,
                    workspace=lambda s, gpus, precision: ZERO2_FP32_BUCKET if precision == "bf16" else 0.0, can_offload=True,
                    comm=zero2_comm,
@@ -336,7 +403,7 @@ ZERO2 = EngineSpec(build, needs_process_group=True, compile_by_default=False, ca
 # ZeRO-3 on one GPU has nothing to shard but still gathers and releases every parameter around every module: XL
 # measured 8.6% MFU on an H200 (docs/benchmarks.md) against 49% for compiled DDP. It holds fp32 gradient-accumulation
 # partitions and flat 16-bit copies beside the activations: 3.5 bytes per parameter per GPU (calibrated on an H200).
-ZERO3 = EngineSpec(build, needs_process_group=True, compile_by_default=False, can_pad_vocab=False, same_world_to_resume=True,
+ZERO3 = EngineSpec(build, needs_process_group=True, compile_by_default=False, can_pad_vocab=False, same_world_to_resume=False,
                    states=zero3_states, checkpoint_bytes=lambda precision, n: checkpoint_bytes(precision, n, 3), compute=half,
                    workspace=lambda s, gpus, precision: 3.5 * s.n_params / gpus, can_offload=True, alone_mfu=0.086,
                    comm=zero3_comm,

@@ -232,6 +232,8 @@ def remove_partial_saves(root: Path) -> None:
     for name in [p.name for _, p in step_dirs(root)] + [m.group(1) for p in root.iterdir() if (m := re.match(r"^\.(?:tmp|del)-(step-\d+)$", p.name))]:
         _recover(root, name, root / f".tmp-{name}", root / f".del-{name}")
     _recover(root, "best", root / ".tmp-best", root / ".del-best")
+    for name in ("final", "adapter"):  # OUT/final and OUT/adapter, beside the checkpoints
+        _recover(root.parent, name, root.parent / f".tmp-{name}", root.parent / f".del-{name}")
     for p in root.glob(".rot-step-*"):  # a rotation that was interrupted: that checkpoint was being deleted anyway
         shutil.rmtree(p, ignore_errors=True)
 
@@ -266,6 +268,22 @@ def publish_final(ckpt: Path, dest: Path, extra: dict[str, str] | None = None) -
                 shutil.copy2(p, tmp / p.name)
     for name, text in (extra or {}).items():
         (tmp / name).write_text(text)
+    write_manifest(tmp)
+    _replace_dir(tmp, dest)
+
+
+def publish_adapter(ckpt: Path, dest: Path) -> None:
+    """OUT/adapter: a LoRA checkpoint's adapter (PEFT's files, hard links where possible), replaced as OUT/final is."""
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(ckpt / "adapter", tmp, copy_function=link)
     write_manifest(tmp)
     _replace_dir(tmp, dest)
 

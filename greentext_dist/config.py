@@ -47,6 +47,11 @@ class ModelConfig:
     compile: bool | None = _f(None, "torch.compile each transformer block and the loss (default: on for ddp/fsdp on a GPU, where it measured 1.7-2.9x faster; off on CPU)")
     attention: str = _f("sdpa", "attention kernel under --packing isolated: sdpa (a dense per-post mask) or flex (FlexAttention, skips the masked blocks; GPU, --dropout 0)", ["sdpa", "flex"])
     pad_vocab: int | None = _f(None, "inside training, widen the embedding/LM head to a multiple of this many rows (64: 50,257 -> 50,304, aligned for tensor cores); checkpoints stay stock 50,257-wide GPT-2 (default: 64 on a GPU except zero3, else 1 = off)")
+    lora_rank: int = _f(0, "train a LoRA adapter of this rank on a frozen base (peft); 0: full fine-tuning")
+    lora_alpha: float | None = _f(None, "LoRA scale numerator: the update is alpha / rank x B A (default: 2 x --lora-rank)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch's input")
+    lora_targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"], metadata={
+        "help": "module names to adapt (repeatable or comma-separated; default: c_attn, c_proj and c_fc, every GPT-2 projection)", "choices": None})
 
 
 @dataclass
@@ -394,6 +399,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--val-fraction must be in [0, 1), got {d.val_fraction}", "use e.g. 0.05")
     if not 0 <= cfg.model.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {cfg.model.dropout}", "use e.g. 0.1")
+    check_lora(cfg.model)
     for flag, value in {"--beta1": o.beta1, "--beta2": o.beta2}.items():
         if not 0 <= value < 1:
             raise UserError(f"{flag} must be in [0, 1), got {value}", "use AdamW's usual 0.9 (--beta1) and 0.999 (--beta2)")
@@ -403,6 +409,30 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--min-lr {o.min_lr} is above --lr {o.lr}", "lower --min-lr")
     if cfg.model.model == "tiny" and cfg.model.init == "pretrained" and not cfg.model.model_path:
         raise UserError("--model tiny has no pretrained weights", "use --init scratch, or --model-path DIR")
+
+
+def lora_targets(m: ModelConfig) -> list[str]:
+    return [t.strip() for spec in m.lora_targets for t in spec.split(",") if t.strip()]
+
+
+def check_lora(m: ModelConfig) -> None:
+    if m.lora_rank < 0:
+        raise UserError(f"--lora-rank must not be negative, got {m.lora_rank}", "pass 0 (full fine-tuning) or a rank such as 8 or 16")
+    if not m.lora_rank:
+        return
+    if m.lora_alpha is not None and m.lora_alpha <= 0:
+        raise UserError(f"--lora-alpha must be positive, got {m.lora_alpha:g}", f"pass e.g. --lora-alpha {2 * m.lora_rank} (the default)")
+    if not 0 <= m.lora_dropout < 1:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {m.lora_dropout:g}", "use e.g. 0.05, or 0")
+    if not lora_targets(m):
+        raise UserError("--lora-targets names no module", "pass e.g. --lora-targets c_attn,c_proj,c_fc (GPT-2's projections)")
+    fix = "use c_attn (attention's q, k, v), c_proj (attention and MLP outputs) or c_fc (MLP input)"
+    for target in lora_targets(m):  # told before any data is read (the model says it again for dotted names)
+        leaf = target.rsplit(".", 1)[-1]
+        if leaf in ("wte", "wpe", "lm_head", "ln_1", "ln_2", "ln_f", "attn", "mlp", "h", "transformer"):
+            raise UserError(f"--lora-targets {target} is not one of GPT-2's projections: LoRA here adapts those only", fix)
+        if leaf not in ("c_attn", "c_proj", "c_fc"):
+            raise UserError(f"--lora-targets {target} matches no module of GPT-2", fix)
 
 
 def check_attention(attention: str, packing: str, dropout: float) -> None:

@@ -115,7 +115,7 @@ def robustness_markdown(result: dict, checkpoint: str, shown: int = 2) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="greentext_dist.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final) or hub id (e.g. gpt2)")
+    p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final), hub id (e.g. gpt2), or a LoRA adapter folder (out/adapter)")
     p.add_argument("--task", required=True, choices=["val-loss", "hellaswag", "robustness"])
     p.add_argument("--log-samples", default=None, help="hellaswag: write each item's scores (log-probs, picks, acc, acc_norm) to this .jsonl")
     p.add_argument("--output", default=None, help="write the result as JSON here")

@@ -104,20 +104,32 @@ def load(ckpt: str, device: str | None = None):
     from greentext_dist.model import check_gpt2_dir, load_weights
     from greentext_dist.tokenizer import load_tokenizer
 
-    ckpt = shared_download(ckpt)
-    check_gpt2_dir(ckpt, "checkpoint")
-    tok_source = ckpt if (Path(ckpt) / "tokenizer_config.json").exists() else "gpt2"
-    tokenizer = load_tokenizer(tok_source)
     from greentext_dist.dist import mps_available
+    from greentext_dist.lora import adapter_base, load_adapted
 
+    ckpt = shared_download(ckpt)
     dev = device or ("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
-    model = load_weights(ckpt, dict(attn_implementation="sdpa")).to(dev).eval()
-    return model, tokenizer
+    if base := adapter_base(ckpt):  # a LoRA adapter (OUT/adapter): its base with the adapter merged in
+        def load_base(name: str):
+            name = shared_download(name)
+            check_gpt2_dir(name, f"the base model of adapter {ckpt}")
+            return load_weights(name, dict(attn_implementation="sdpa"))
+
+        model = load_adapted(ckpt, load_base)
+        tok_dir = next((d for d in (Path(ckpt), Path(ckpt).parent / "final", Path(shared_download(base)))
+                        if (d / "tokenizer_config.json").exists()), None)
+    else:
+        check_gpt2_dir(ckpt, "checkpoint")
+        model = load_weights(ckpt, dict(attn_implementation="sdpa"))
+        tok_dir = Path(ckpt) if (Path(ckpt) / "tokenizer_config.json").exists() else None
+    tokenizer = load_tokenizer(str(tok_dir) if tok_dir else "gpt2")
+    return model.to(dev).eval(), tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="greentext_dist.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final or out/checkpoints/step-N) or hub id (e.g. gpt2)")
+    p.add_argument("checkpoint", help="HF GPT-2 directory (e.g. out/final or out/checkpoints/step-N), hub id (e.g. gpt2), or a LoRA "
+                   "adapter folder (out/adapter: its base is loaded and the adapter merged in)")
     p.add_argument("--prompt", default="be me", help="opening lines, without '>', separated by newlines or a typed \\n "
                    "(--prompt 'be me\\nwork at a bank'); empty: unconditional")
     p.add_argument("--num-samples", type=int, default=4)

@@ -122,6 +122,13 @@ def build_model(cfg: ModelConfig, weights_from: str | None = None, seed: int = 0
         else:
             src = download(src, MODEL_FILES)  # a caller that did not fetch them for the job (hub_weights)
         model = load_weights(src, dict(attn_implementation=attn, dtype=torch.float32, **drop))
+    if cfg.lora_rank:
+        from greentext_dist.lora import apply_lora
+
+        # The base is the same whether this run starts or resumes: a LoRA checkpoint's weights are merged ones,
+        # so a resume builds from the base again (train.setup) and loads the adapter from the resumable state.
+        base = source_of(cfg)
+        apply_lora(model, cfg, seed, base=str(Path(base).resolve()) if base and is_local(base) else base, gather=gather)
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: gradient_...
         if enable:
@@ -173,7 +180,7 @@ def pad_vocab(model: GPT2LMHeadModel, multiple: int) -> None:
     with torch.no_grad():
         w = torch.zeros(padded, d, dtype=wte.weight.dtype, device=wte.weight.device)
         w[:v] = wte.weight
-    wte.weight = torch.nn.Parameter(w)
+    wte.weight = torch.nn.Parameter(w, requires_grad=wte.weight.requires_grad)  # frozen under LoRA
     wte.num_embeddings = padded
     model.lm_head.weight = wte.weight  # the tie, as GPT-2 has it
     model.lm_head.out_features = padded
@@ -193,7 +200,12 @@ def lm_logits(model, x: torch.Tensor, position_ids: torch.Tensor | None, vocab: 
 
 
 def save_hf(model: GPT2LMHeadModel, folder, max_shard_size: str, state_dict: dict | None = None) -> None:
-    """save_pretrained as sharded safetensors, always as stock GPT-2: rows added by pad_vocab are cut off."""
+    """save_pretrained as sharded safetensors, always as stock GPT-2: rows added by pad_vocab are cut off; a LoRA
+    adapter is merged in, and written beside the weights in PEFT's format (folder/adapter)."""
+    from greentext_dist.lora import export, is_lora
+
+    if is_lora(state := model.state_dict() if state_dict is None else state_dict):
+        model, state_dict = export(model, Path(folder), state, lambda m, f, sd: save_hf(m, f, max_shard_size, sd))
     v, padded = true_vocab(model), model.config.vocab_size
     if v == padded:
         model.save_pretrained(folder, state_dict=state_dict, max_shard_size=max_shard_size, safe_serialization=True)

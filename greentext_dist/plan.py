@@ -188,6 +188,11 @@ class Shape:
     n_embd: int
     n_params: int  # tied head counted once, position embeddings included
     largest_layer: int  # the token embedding (= tied head)
+    trainable: int | None = None  # LoRA: the adapter's parameters (the base is frozen); None: every parameter trains
+
+    @property
+    def train_params(self) -> int:
+        return self.n_params if self.trainable is None else self.trainable
 
     @property
     def block_params(self) -> int:
@@ -201,14 +206,26 @@ class Shape:
         return [self.largest_layer, wpe, *block * self.n_layer, d, d]
 
 
-def shape(model: str) -> Shape:
+def shape(model: str, lora_rank: int = 0) -> Shape:
     _, n_layer, d, _ = PRESETS[model]
-    return shape_for(n_layer, d)
+    return shape_for(n_layer, d, lora_rank=lora_rank)
 
 
-def shape_for(n_layer: int, d: int, vocab: int = VOCAB, positions: int = POSITIONS) -> Shape:
+def shape_for(n_layer: int, d: int, vocab: int = VOCAB, positions: int = POSITIONS, lora_rank: int = 0,
+              lora_targets: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")) -> Shape:
     n = vocab * d + positions * d + n_layer * (12 * d * d + 13 * d) + 2 * d
-    return Shape(n_layer, d, n, vocab * d)
+    return Shape(n_layer, d, n, vocab * d, lora_params(n_layer, d, lora_rank, lora_targets) if lora_rank else None)
+
+
+def lora_params(n_layer: int, d: int, rank: int, targets) -> int:
+    """A LoRA adapter's parameters: rank x (fan-in + fan-out) for each adapted projection of each block."""
+    leaves = {t.rsplit(".", 1)[-1]: t for t in targets}
+    per_block = {"c_attn": d + 3 * d, "c_fc": d + 4 * d}
+    width = sum(per_block.get(leaf, 0) for leaf in leaves)
+    if "c_proj" in leaves:  # attention's (d -> d) and the MLP's (4d -> d), unless a dotted name picks one
+        target = leaves["c_proj"]
+        width += (2 * d if "mlp" not in target else 0) + (5 * d if "attn" not in target else 0)
+    return n_layer * rank * width
 
 
 def model_states(s: Shape, engine: str, gpus: int, precision: str = "bf16", accumulating: bool = False) -> tuple[float, float]:
@@ -274,10 +291,10 @@ def plan_engine(model: str, engine: str, gpus: int, gpu_memory_gib: float | None
                 micro: int | None = None, mfu: float | None = None, peak_tflops: float | None = None, headroom: float = 0.9,
                 compiled: bool = False, nodes: int = 1, gpu: str = "h100", intra_gbps: float | None = None,
                 inter_gbps: float | None = None, nics_per_node: int | None = None, reshard: bool = True,
-                checkpointing: bool | None = None) -> dict:
+                checkpointing: bool | None = None, lora_rank: int = 0) -> dict:
     """One row of the plan. `headroom`: share of the card the allocator may use (fragmentation, CUDA context).
     `mfu`/`peak_tflops`/`gpu_memory_gib` default to `gpu`'s; `checkpointing` None: on only where nothing fits without."""
-    s, card = shape(model), GPUS[gpu]
+    s, card = shape(model, lora_rank), GPUS[gpu]
     gpu_memory_gib = gpu_memory_gib or card.memory_gib
     peak_tflops = peak_tflops or card.tflops
     spec, offload = spec_of(engine)
@@ -324,11 +341,15 @@ def time_step(s: Shape, key: str, net: Cluster, tokens: int, accum: int, seq_len
     """Seconds of one optimizer step over `tokens` (all ranks, padding included): compute at `mfu`, plus the
     engine's communication that does not hide behind it."""
     spec, offload = spec_of(key)
-    flops = flops_per_token(s.n_params - POSITIONS * s.n_embd, s.n_layer, s.n_embd, seq_len)
+    forward = flops_per_token(s.n_params - POSITIONS * s.n_embd, s.n_layer, s.n_embd, seq_len) / 3
+    # A step is 3 forward-lengths of work (forward, input and weight gradients); 2 under LoRA (the frozen weights get
+    # no gradient); checkpointing recomputes the forward in backward: one more, at the same MFU.
+    model_units = 3 if s.trainable is None else 2
+    units = model_units + (1 if checkpointing else 0)
+    flops = forward * model_units
     slow = spec.alone_mfu is not None and net.gpus == 1 and not offload
-    # Checkpointing recomputes the forward in backward: 4 forward-lengths of work instead of 3, at the same MFU.
-    compute_s = tokens * flops / (net.gpus * peak_tflops * 1e12 * (min(mfu, spec.alone_mfu) if slow else mfu)) * (4 / 3 if checkpointing else 1)
-    fwd_s = compute_s / accum / (4 if checkpointing else 3)
+    compute_s = tokens * forward * units / (net.gpus * peak_tflops * 1e12 * (min(mfu, spec.alone_mfu) if slow else mfu))
+    fwd_s = compute_s / accum / units
     comm = communication(spec.comm(s, net.gpus, accum, precision, offload, reshard), net, fwd_s, compute_s / accum - fwd_s)
     return {"compute_s": compute_s, "comm": comm, "step_s": compute_s + comm["exposed_s"], "flops": flops}
 
@@ -428,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan for torch.compile (train.py's default on GPUs for ddp and fsdp): fewer saved activations, measured MFU")
     p.add_argument("--mfu", type=float, default=None, help="compute MFU to assume instead of the calibrated one")
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU bf16 peak (default: the --gpu-type's; H100 SXM / H200: 989)")
+    p.add_argument("--lora-rank", type=int, default=0, help="plan LoRA of this rank on every projection (frozen base; 0: full fine-tuning)")
     p.add_argument("--json", action="store_true", help='print {"rows": [...], "recommended": {...}} instead of the table')
     return p
 
@@ -459,13 +481,14 @@ def main(argv: list[str] | None = None) -> int:
         ("--intra-gbps/--inter-gbps", all(v is None or v > 0 for v in (a.intra_gbps, a.inter_gbps)), "> 0"),
         ("--nics-per-node", a.nics_per_node is None or a.nics_per_node >= 1, ">= 1"),
         ("--seq-len/--global-batch-size", a.seq_len >= 1 and a.global_batch_size >= 1, ">= 1"),
-        ("--micro-batch-size", a.micro_batch_size is None or a.micro_batch_size >= 1, ">= 1")) if not ok]
+        ("--micro-batch-size", a.micro_batch_size is None or a.micro_batch_size >= 1, ">= 1"),
+        ("--lora-rank", a.lora_rank >= 0, ">= 0")) if not ok]
     if bad:
         print(f"error: {'; '.join(bad)}. Fix: pass valid values.", file=sys.stderr)
         return 2
     kw = dict(seq_len=a.seq_len, global_batch=a.global_batch_size, micro=a.micro_batch_size, mfu=a.mfu, peak_tflops=a.peak_tflops,
               compiled=a.compile, nodes=nodes, gpu=a.gpu_type, intra_gbps=a.intra_gbps, inter_gbps=a.inter_gbps,
-              nics_per_node=a.nics_per_node)
+              nics_per_node=a.nics_per_node, lora_rank=a.lora_rank)
     table_rows = plan_rows(a.model, gpus, gpu_memory_gib=a.gpu_memory, **kw)
     best, why = recommend(table_rows)
     if a.json:
@@ -479,12 +502,13 @@ def main(argv: list[str] | None = None) -> int:
     from greentext_dist.ui import summary_table
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
-    s, card = shape(a.model), GPUS[a.gpu_type]
+    s, card = shape(a.model, a.lora_rank), GPUS[a.gpu_type]
     intra, inter = LINKS[card.intra], LINKS[card.inter]
     net = cluster(a.gpu_type, gpus, nodes, a.intra_gbps, a.inter_gbps, a.nics_per_node)
     memory = a.gpu_memory or card.memory_gib
     console.print(summary_table("plan", [
-        ("model", f"GPT-2 {a.model}: {s.n_params / 1e6:.0f}M params, {s.n_layer} layers x {s.n_embd}"),
+        ("model", f"GPT-2 {a.model}: {s.n_params / 1e6:.0f}M params, {s.n_layer} layers x {s.n_embd}"
+         + (f"; LoRA rank {a.lora_rank}: {s.trainable / 1e6:.1f}M trainable, the base frozen" if a.lora_rank else "")),
         ("cluster", f"{gpus} {a.gpu_type.upper()} ({nodes} node(s)) x {memory:g} GiB (planning to 90% of it)"),
         ("links", f"in a node {net.intra_gbps:g} GB/s ({card.intra}: {intra.source})"
          + (f"; between nodes {net.nics_per_node} NIC(s) x {net.nic_gbps:g} GB/s ({card.inter}: {inter.source}): "

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from greentext_dist.config import lora_targets
 from greentext_dist.hub import is_local
 from greentext_dist.metrics import read_metrics
 
@@ -116,6 +117,9 @@ def model_card(out: Path, cfg, base: str, *, base_commit: str | None = None, cor
         f"| optimizer | AdamW(betas {o.beta1}, {o.beta2}), lr {o.lr:g} -> {o.min_lr:g} cosine, weight decay {o.weight_decay}, "
         f"clip {o.grad_clip}, dropout {cfg.model.dropout} |",
         f"| seed | {t.seed} |",
+        (f"| LoRA | rank {cfg.model.lora_rank}, alpha {cfg.model.lora_alpha or 2 * cfg.model.lora_rank:g}, dropout {cfg.model.lora_dropout:g}, "
+         f"on {', '.join(lora_targets(cfg.model))}; these weights have the adapter merged in (plain `transformers` loads them), "
+         f"and the adapter alone is in PEFT's format in the run's `adapter/` folder |") if cfg.model.lora_rank else "",
         f"| final train loss | {train[-1]['loss']:.4f} |" if train else "",
         f"| final val loss | {val[-1]['val_loss']:.4f} ({val_corpus.posts:,} held-out posts) |" if val and val_corpus else "",
         f"| best val loss | {best['val_loss']:.4f} at step {best['step']} |" if best else "",

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from greentext_dist import attention, checkpoint as ckpt
+from greentext_dist.lora import ADAPTER
+from greentext_dist.config import lora_targets
 from greentext_dist.config import Config, as_keywords, check_shard_size, home, parse_args_with_sources, parse_mix, to_toml
 from greentext_dist.data import (
     Corpus, DataState, TrainData, TrainLoader, ValRows, cache_dir, corpus_of, hub_revisions, training_data, val_batches, val_corpus,
@@ -150,7 +152,8 @@ def plan_run(cfg: Config, env: DistEnv, corpus: Corpus) -> Plan:
 def memory_plan(cfg: Config, env: DistEnv, spec: EngineSpec, config, checkpointing: bool) -> MemoryPlan:
     """The planner's per-GPU peak for this run (same numbers as `python -m greentext_dist.plan`)."""
     t = cfg.train
-    s = planner.shape_for(config.n_layer, config.n_embd, config.vocab_size, config.n_positions)
+    s = planner.shape_for(config.n_layer, config.n_embd, config.vocab_size, config.n_positions, cfg.model.lora_rank,
+                          tuple(lora_targets(cfg.model)))
     key = spec.plan_key(t.backend, t.offload or t.fsdp_cpu_offload)
     mem = planner.peak_bytes(s, key, env.world_size, t.micro_batch_size, cfg.data.seq_len, checkpointing, t.precision, cfg.model.compile,
                              planner.accumulation(t.global_batch_size, t.micro_batch_size, env.world_size))
@@ -484,7 +487,7 @@ def trainer_state(run: Run, finished: bool = False) -> dict:
 # Settings that change what a run is: resuming under different values would silently continue another experiment.
 # Everything else (--max-steps, --epochs, --micro-batch-size, cadences, compile, ...) may change on resume.
 MEANING = {
-    "model": ("model", "init", "model_path", "tokenizer", "dropout"),
+    "model": ("model", "init", "model_path", "tokenizer", "dropout", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"),
     "data": ("dataset", "text_field", "val_dataset", "val_fraction", "seq_len", "mix", "packing"),
     "optim": ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip"),
     "train": ("backend", "global_batch_size", "seed", "precision"),
@@ -497,8 +500,11 @@ def check_same_run(cfg: Config, state: dict, resume_from: Path) -> None:
     if not saved:
         return  # written before settings were saved
     now = cfg.to_dict()
-    diffs = [f"--{name.replace('_', '-')} {now[sec][name]!r} (the checkpoint has {saved[sec].get(name)!r})"
-             for sec, names in MEANING.items() for name in names if home(saved.get(sec, {}).get(name)) != now[sec][name]]  # home: saved before '~' was expanded
+    # A setting the checkpoint does not name did not exist when it was written: it ran with today's default.
+    defaults = Config().to_dict()
+    diffs = [f"--{name.replace('_', '-')} {now[sec][name]!r} (the checkpoint has {saved[sec].get(name, defaults[sec][name])!r})"
+             for sec, names in MEANING.items() for name in names
+             if home(saved.get(sec, {}).get(name, defaults[sec][name])) != now[sec][name]]  # home: saved before '~' was expanded
     if diffs:
         raise UserError(
             f"checkpoint {resume_from} belongs to a run with other settings: " + "; ".join(diffs),
@@ -549,8 +555,11 @@ def setup(cfg: Config, sources: dict | None = None) -> Run:
             f"relaunch with {state['world_size']} ranks, or start a new run from its weights (a fresh optimizer) in a new folder: "
             f"--output-dir NEW --model-path {resume_from}",
         )
-    hub_folder = None if resume_from else hub_weights(cfg.model)  # rank 0 downloads hub weights for the job
-    weights = str(resume_from) if resume_from else hub_folder
+    # Rank 0 downloads hub weights for the job. A LoRA checkpoint's weights are merged ones: a resume builds the frozen
+    # base from its source again and loads the adapter from the resumable state.
+    lora = bool(cfg.model.lora_rank)
+    hub_folder = None if resume_from and not lora else hub_weights(cfg.model)
+    weights = str(resume_from) if resume_from and not lora else hub_folder
     base_commit = state.get("base_commit") if state else hub_folder and Path(hub_folder).name  # HF cache folders are named by commit
     shape = model_config(cfg.model, weights)
     if resume_from:
@@ -731,6 +740,8 @@ def finish(run: Run) -> None:
             facts.append(("planned throughput", f"{p['tokens_per_s']:,.0f} tokens/s ({p['step_s']:.2f} s a step, {p['exposed_share']:.0%} "
                                                 f"exposed communication; python -m greentext_dist.plan, docs/scaling.md)"))
         ckpt.publish_final(final, run.out / "final", {"README.md": model_card(run, final_step)})
+        if (final / ADAPTER).is_dir():  # LoRA: the same step's adapter, for peft
+            ckpt.publish_adapter(final, run.out / ADAPTER)
         report = write_report(run.out, facts)
         console.print(f"[green]done:[/] {step} steps; model (step {final_step}) in {run.out / 'final'}; report in {report}")
 

@@ -1,6 +1,6 @@
 """The real commands on whatever single GPU is here, one JSON line per run in RESULTS_DIR/results.jsonl.
 
-    python scripts/gpu_check.py RESULTS_DIR [next|all|e2e|bench|xl|flex|rows:LABEL,...]   (scripts/gpu_check.sh sets up the environment)
+    python scripts/gpu_check.py RESULTS_DIR [next|all|e2e|bench|xl|flex|lora|rows:LABEL,...]   (scripts/gpu_check.sh sets up the environment)
 
 e2e:   train.py for real on a local greentext-format corpus (scratch init: no hub needed), through each
        launcher and engine: python (ddp), deepspeed (zero2, zero3), torchrun (fsdp), accelerate launch
@@ -385,6 +385,39 @@ def train_timing(res: Path, label: str, extra: list[str]) -> None:
     record(res, row)
 
 
+def lora_args(corpus: Path, out: Path) -> list[str]:
+    """XL with a rank-16 LoRA adapter on one GPU at the setting the planner picks for a 24 GB card (DDP, micro 4,
+    no checkpointing, compiled), 20 steps: its peak memory against 24 GB and its tokens/s."""
+    shape = (["--model", "tiny", "--seq-len", "128", "--precision", "fp32", "--micro-batch-size", "2", "--global-batch-size", "8"] if DRY else
+             ["--model", "xl", "--micro-batch-size", "4", "--global-batch-size", "16", "--no-gradient-checkpointing"])
+    return [*shape, "--init", "scratch", "--lora-rank", "16", "--dataset", str(corpus), "--dropout", "0", "--max-steps", "20",
+            "--eval-every", "0", "--val-fraction", "0", "--log-every", "5", "--save-every", "0", "--output-dir", str(out)]
+
+
+def xl_lora(res: Path) -> None:
+    from greentext_dist import plan
+
+    out = WORK / "lora"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "greentext_dist/train.py", *lora_args(corpus_file(), out)]
+    t = time.time()
+    rc, text = run_capture(cmd, 300)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
+    steps = [r for r in rows if "loss" in r]
+    tps = [r["tokens_per_s"] for r in steps if r["step"] > 5 and r.get("tokens_per_s")]
+    planned = plan.plan_engine("tiny" if DRY else "xl", "ddp", 1, 24, micro=2 if DRY else 4, compiled=not DRY, checkpointing=False,
+                               lora_rank=16, seq_len=128 if DRY else 1024, global_batch=8 if DRY else 16)
+    row = {"source": "train.py", "run": "xl-lora-r16-1gpu", "command": shown(cmd), "rc": rc, "steps": steps[-1]["step"] if steps else 0,
+           "median_tokens_per_s": statistics.median(tps) if tps else None,
+           "peak_mem_gib": max((r.get("peak_mem_gb") or 0) for r in steps) if steps else None,
+           "planned_peak_gib": planned["peak_gib"], "planned_tokens_per_s": planned["tokens_per_s_per_gpu"],
+           "fits_24gb": bool(steps) and max((r.get("peak_mem_gb") or 0) for r in steps) <= 24, "adapter": (out / "adapter").is_dir(),
+           "wall_s": round(time.time() - t, 1)}
+    if rc != 0:
+        row["tail"] = text[-2000:]
+    record(res, row)
+
+
 def flex_cmd() -> list[str]:
     model, micro, T = ("tiny", "2", "256") if DRY else ("small", "4", "1024")
     return [sys.executable, "scripts/check_flex.py", "--model", model, "--micro-batch-size", micro, "--seq-len", T]
@@ -404,7 +437,8 @@ def flex(res: Path) -> None:
 PARTS = {
     # Small's engines, the rows that matter most, XL's headline command, then the other rows.
     "all": [e2e_small, lambda r: bench(r, BENCH[:3]), e2e_xl, lambda r: bench(r, BENCH[3:]), flex],
-    "next": [e2e_together, lambda r: bench(r, rows(*NEXT))],
+    "next": [e2e_together, xl_lora, lambda r: bench(r, rows(*NEXT))],
+    "lora": [xl_lora],
     "e2e": [e2e_small, e2e_xl],
     "bench": [lambda r: bench(r, BENCH)],
     "xl": [e2e_xl],

@@ -154,29 +154,28 @@ def saved_optimizer(step_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_resumes_on_another_world_size(reference, tmp_path, stage):
-    """2 ranks -> 1 rank -> 2 ranks, a step a hop, through DeepSpeed's universal checkpoint: the curve is the
-    single-process reference's (the same tolerance as FSDP's resharded resume); the conversion is made once and
-    kept beside the checkpoint; the checkpoints after it are ordinary ones of the new world size."""
+    """2 ranks -> 1 rank -> 2 ranks through DeepSpeed's universal checkpoint: the curve is the single-process
+    reference's (the same tolerance as FSDP's resharded resume); the conversion is made once and kept beside the
+    checkpoint; the checkpoints after it are ordinary ones of the new world size."""
     data, ref, _ = reference
     run = [*COMMON, "--backend", stage, "--keep-last", "9", *(["--ds-config", str(zero3_config(tmp_path))] if stage == "zero3" else [])]
     out = tmp_path / "chain"
-    logs = reshard_chain(data, run, out, [(2, ["--halt-at-step", "1"]), (1, ["--halt-at-step", "2"]), (2, ["--halt-at-step", "3"])])
+    logs = reshard_chain(data, run, out, [(2, ["--halt-at-step", "1"]), (1, ["--halt-at-step", "2"]), (2, [])])
     assert "written by 2 ranks, this run has 1" in logs[1] and "converting it once" in logs[1]
     assert "written by 1 ranks, this run has 2" in logs[2] and "converting it once" in logs[2]
     assert "2 micro x 4 accumulation x 1 ranks = 8" in logs[1]
     steps = out / "checkpoints"
     for n in (1, 2):
         assert ckpt.verify(steps / f"step-{n}" / "universal") is None and ckpt.verify(steps / f"step-{n}") is None
-    assert not (steps / "step-3" / "universal").exists()  # written by 2 ranks, resumed by none yet
-    # The 2-rank checkpoint at step 3 resumes on 2 ranks as an ordinary one (every rank's model states are there).
-    assert len(list((steps / "step-3" / "train_state" / "deepspeed").glob("*model_states.pt"))) == (2 if stage == "zero3" else 1)
-    logs += reshard_chain(data, run, out, [(2, [])])
-    assert "universal" not in logs[3]
+    # The checkpoints after a universal load are ordinary ones of the new world size: every rank's model states are
+    # there (DeepSpeed #7546: left on, ZeRO-3 wrote rank 0's only), and no universal copy is made for them.
+    assert not (steps / "step-4" / "universal").exists()
+    assert len(list((steps / "step-4" / "train_state" / "deepspeed").glob("*model_states.pt"))) == (2 if stage == "zero3" else 1)
     got = train_losses(out)
     assert len(got) == 4 and max(abs(a - b) for a, b in zip(got, ref)) <= 1e-5, (got, ref)
     # What the loss cannot show at 1e-5 (DeepSpeed's ZeRO-3 universal loader gave every group the first's weight decay
     # and every partition one shared step counter): the optimizer each resumed run saved is the one a straight run has.
-    for n in (2, 3, 4):
+    for n in (2, 4):
         assert saved_optimizer(steps / f"step-{n}") == ({(0.01, 0.0)}, {n}), n
 
 

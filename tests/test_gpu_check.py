@@ -33,9 +33,22 @@ def test_every_command_it_would_run_parses(tmp_path, monkeypatch):
     for _, kind, extra, port in [*gc.SMALL_E2E, gc.XL_E2E]:
         parse_args(gc.e2e_args("small", corpus, out, extra))
         assert gc.launcher(kind, port)
+    assert parse_args(gc.lora_args(corpus, out)).model.lora_rank == 16
     p = subprocess.run([sys.executable, "scripts/gpu_check.py", str(tmp_path / "r"), "rows:small-best,no-such-row"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert p.returncode == 1 and "unknown bench rows ['no-such-row']" in p.stderr
+
+
+@pytest.mark.slow
+def test_lora_part_runs_dry_on_the_cpu(tmp_path):
+    """XL LoRA on one GPU, as the next GPU session runs it, with the tiny model: its row, with the planner beside it."""
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "BUDGET_S": "300", "GPU_CHECK_WORK": str(tmp_path / "work")}
+    p = subprocess.run([sys.executable, "scripts/gpu_check.py", str(tmp_path / "r"), "lora"], capture_output=True, text=True,
+                       timeout=400, cwd=ROOT, env=env)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "r" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["rc"] == 0 and rows[0]["steps"] == 20 and rows[0]["adapter"], rows
+    assert rows[0]["median_tokens_per_s"] and rows[0]["planned_peak_gib"] > 0 and "--lora-rank 16" in rows[0]["command"]
 
 
 @pytest.mark.slow

@@ -7,12 +7,17 @@ from pathlib import Path
 
 import torch
 from torch.distributed.tensor import DTensor
+from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from greentext_dist.dist import DistEnv
 from greentext_dist.engines.base import EngineSpec, Traffic, autocast, buckets
+from greentext_dist.lora import adapted, trainable_state
 from greentext_dist.model import apply_compile, build_model, lm_logits, pad_vocab, save_hf, true_vocab
 from greentext_dist.optim import build_optimizer
+
+
+ADAPTER_STATE = "adapter.safetensors"  # a LoRA run's trainable parameters, in train_state/
 
 
 class LocalEngine:
@@ -70,13 +75,20 @@ class DDPEngine(LocalEngine):
         return self.model.no_sync() if self.env.distributed and not last else contextlib.nullcontext()
 
     def save_state(self, folder: Path) -> None:
-        # Weights live in the checkpoint's fp32 safetensors; only the optimizer needs saving here.
+        # Weights live in the checkpoint's fp32 safetensors; only the optimizer needs saving here. Under LoRA those are
+        # merged weights: the adapter is saved as it trains, and a resume builds the frozen base from its source.
         if self.env.is_main:
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+            if adapted(self.module):
+                save_file({k: v.detach().cpu().contiguous() for k, v in trainable_state(self.module, self.module.state_dict()).items()},
+                          str(folder / ADAPTER_STATE))
 
     def load_state(self, folder: Path) -> None:
         state = torch.load(folder / "optimizer.pt", map_location=self.env.device, weights_only=True)
         self.optimizer.load_state_dict(state)
+        if adapted(self.module):
+            missing, unexpected = self.module.load_state_dict(load_file(str(folder / ADAPTER_STATE), device=str(self.env.device)), strict=False)
+            assert not unexpected and not set(trainable_state(self.module, dict.fromkeys(missing))), (missing, unexpected)
 
     def export_hf(self, folder: Path, max_shard_size: str) -> None:
         if self.env.is_main:
@@ -97,9 +109,10 @@ def build(cfg, env: DistEnv, grad_accum: int, weights: str | None, config) -> DD
 
 def states(s, gpus: int, precision: str, offload: bool, accumulating: bool) -> tuple[float, float]:
     """fp32 weights and AdamW moments; fp32 gradients, and DDP's bucket copy of them when distributed; autocast keeps
-    a bf16 copy of the weights. Under accumulation (no_sync) the gradients are whole either way."""
-    n = s.n_params
-    return 12 * n + (2 * n if precision == "bf16" else 0), 4 * n + (4 * n if gpus > 1 else 0)
+    a bf16 copy of the weights. Under accumulation (no_sync) the gradients are whole either way. LoRA: moments and
+    gradients of the adapter only."""
+    n, t = s.n_params, s.train_params
+    return 4 * n + 8 * t + (2 * n if precision == "bf16" else 0), 4 * t + (4 * t if gpus > 1 else 0)
 
 
 DDP_BUCKET, DDP_FIRST_BUCKET = 25 * 2**20, 2**20  # DistributedDataParallel's bucket_cap_mb and its first bucket
@@ -111,8 +124,9 @@ def comm(s, gpus: int, accum: int, precision: str, offload: bool, reshard: bool)
     reversed), the first at 1 MiB."""
     if gpus == 1:
         return []
-    calls = buckets([4 * n for n in reversed(s.parameters())], DDP_BUCKET, DDP_FIRST_BUCKET)
-    return [Traffic("all_reduce", "gradients, fp32, last micro-batch", 4 * s.n_params, "backward", 1, DDP_BUCKET, calls)]
+    sizes = [4 * n for n in reversed(s.parameters())] if s.trainable is None else [4 * s.trainable]  # LoRA: the adapter's
+    calls = buckets(sizes, DDP_BUCKET, DDP_FIRST_BUCKET)
+    return [Traffic("all_reduce", "gradients, fp32, last micro-batch", 4 * s.train_params, "backward", 1, min(DDP_BUCKET, 4 * s.train_params), calls)]
 
 
 SPEC = EngineSpec(build, needs_process_group=False, compile_by_default=True, can_pad_vocab=True, same_world_to_resume=False,

@@ -22,6 +22,7 @@ from greentext_dist.dist import DistEnv, destroy_with, on_main
 from greentext_dist.errors import UserError
 from greentext_dist.engines.base import EngineSpec, Traffic, buckets
 from greentext_dist.files import derived
+from greentext_dist.lora import adapted
 from greentext_dist.model import apply_compile, build_model, lm_logits, pad_vocab, save_hf, true_vocab
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,28 @@ class DeepSpeedEngine:
         self.engine.train(mode)
 
     def save_state(self, folder: Path) -> None:
-        self.engine.save_checkpoint(str(folder), tag="deepspeed")
+        # LoRA: the frozen base is not state (a resume builds it from its source again).
+        with self.trainable_module_state():
+            self.engine.save_checkpoint(str(folder), tag="deepspeed", exclude_frozen_parameters=adapted(self.module))
+
+    @contextlib.contextmanager
+    def trainable_module_state(self):
+        """DeepSpeed drops frozen parameters from the module state by name, so the tied head (the frozen embedding under
+        another name) stayed: the whole embedding in every LoRA checkpoint. Tensors of frozen parameters go, by storage."""
+        if not adapted(self.module) or self.stage == 3:  # ZeRO-3's module state holds empty placeholders only
+            yield
+            return
+        frozen = {p.data_ptr() for p in self.module.parameters() if not p.requires_grad}
+        original = self.engine.module_state_dict
+
+        def trainable(*args, **kwargs):
+            return {k: v for k, v in original(*args, **kwargs).items() if v.data_ptr() not in frozen}
+
+        self.engine.module_state_dict = trainable
+        try:
+            yield
+        finally:
+            del self.engine.module_state_dict
 
     def load_state(self, folder: Path) -> None:
         """The checkpoint's state; written by another number of ranks, through DeepSpeed's universal checkpoint: rank 0
@@ -230,7 +252,8 @@ class DeepSpeedEngine:
         # DeepSpeed's own format is pickled (torch.load without weights_only): the one documented exception.
         wrote = saved_world(folder)
         if wrote in (0, self.env.world_size):
-            path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
+            path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False,
+                                                  load_module_strict=not adapted(self.module))
             if path is None:
                 raise UserError(f"no DeepSpeed state in {folder}", "resume from a checkpoint written with a DeepSpeed --backend")
             return
@@ -244,7 +267,8 @@ class DeepSpeedEngine:
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.engine._config.load_universal_checkpoint = True
         try:
-            self.engine.load_checkpoint(str(universal), tag=UNIVERSAL, load_optimizer_states=True, load_lr_scheduler_states=False)
+            self.engine.load_checkpoint(str(universal), tag=UNIVERSAL, load_optimizer_states=True, load_lr_scheduler_states=False,
+                                        load_module_strict=not adapted(self.module))
         finally:
             # Left on, ZeRO-3 would write only rank 0's model states at the next save (DeepSpeed #7546): the checkpoints
             # this run writes are ordinary ones for its own world size.
@@ -311,15 +335,17 @@ def build(cfg, env: DistEnv, grad_accum: int, weights: str | None, config) -> De
 # Memory by DeepSpeed's own accounting (the formulas of estimate_zero2/3_model_states_mem_needs, held to them in
 # tests/test_fastpaths.py), bytes per GPU for n parameters on G GPUs.
 def zero2_states(s, gpus: int, precision: str, offload: bool, accumulating: bool) -> tuple[float, float]:
-    """16-bit weights on every GPU; 16-bit and fp32 gradients, fp32 master weights and AdamW moments sharded: 2 + 18/G."""
-    n = s.n_params
-    return (2 * n, 0.0) if offload else (2 * n + 12 * n / gpus, 6 * n / gpus)
+    """16-bit weights on every GPU; 16-bit and fp32 gradients, fp32 master weights and AdamW moments sharded: 2 + 18/G.
+    LoRA: the frozen base is its 16-bit weights only."""
+    n, t = s.n_params, s.train_params
+    return (2 * n, 0.0) if offload else (2 * n + 12 * t / gpus, 6 * t / gpus)
 
 
 def zero3_states(s, gpus: int, precision: str, offload: bool, accumulating: bool) -> tuple[float, float]:
-    """4 x the largest layer gathered, the rest sharded: 18/G; with offload, parameters and states on the CPU."""
-    n = s.n_params
-    return (4 * s.largest_layer, 0.0) if offload else (4 * s.largest_layer + 14 * n / gpus, 4 * n / gpus)
+    """4 x the largest layer gathered, the rest sharded: 18/G; with offload, parameters and states on the CPU. LoRA: the
+    frozen base is its 16-bit partitions only."""
+    n, t = s.n_params, s.train_params
+    return (4 * s.largest_layer, 0.0) if offload else (4 * s.largest_layer + (2 * n + 12 * t) / gpus, 4 * t / gpus)
 
 
 # The shipped configs reduce in fp32 under bf16 ("communication_data_type": "fp32", as DDP and FSDP do): ZeRO-2 casts
@@ -341,9 +367,12 @@ def zero2_comm(s, gpus: int, accum: int, precision: str, offload: bool, reshard:
     n, width = s.n_params, 2 if precision == "bf16" else 4
     decayed = s.largest_layer + (n - s.largest_layer - s.n_layer * s.block_params - 2 * s.n_embd) + s.n_layer * 12 * s.n_embd**2
     gathers = sum(max(1, group // ZERO2_BUCKET) for group in (decayed, n - decayed))  # per optimizer param group
-    return [Traffic("all_reduce", "gradients, fp32, every micro-batch", 4 * n * accum, "backward", accum, 4 * min(n, ZERO2_BUCKET),
-                    -(-n // ZERO2_BUCKET) * accum),
-            Traffic("all_gather", "updated parameters, after the step", width * n, "", calls=gathers)]
+    t = s.train_params  # LoRA: only the adapter has gradients and updates
+    if s.trainable is not None:
+        gathers = 2
+    return [Traffic("all_reduce", "gradients, fp32, every micro-batch", 4 * t * accum, "backward", accum, 4 * min(t, ZERO2_BUCKET),
+                    -(-t // ZERO2_BUCKET) * accum),
+            Traffic("all_gather", "updated parameters, after the step", width * t, "", calls=gathers)]
 
 
 def zero3_split(s, reuse: int = ZERO3_REUSE) -> tuple[int, int]:
@@ -379,6 +408,9 @@ def zero3_comm(s, gpus: int, accum: int, precision: str, offload: bool, reshard:
         share = again / partitioned
         out.append(Traffic("all_gather", "parameters, backward", width * again * accum, "backward", accum, 0.0,
                            max(1, round(modules * share)) * accum))
+    if s.trainable is not None:  # LoRA: the adapter's gradients, in a bucket or two a micro-batch
+        return out + [Traffic("reduce_scatter", "gradients, fp32, every micro-batch", 4 * s.trainable * accum, "backward", accum,
+                              0.0, -(-s.trainable // (d * d)) * accum)]
     return out + [Traffic("reduce_scatter", "gradients, fp32, every micro-batch", 4 * s.n_params * accum, "backward", accum,
                           4 * s.largest_layer, reduces),
                   Traffic("all_gather", "persistent parameters, after the step", width * (s.n_params - partitioned), "")]

@@ -15,6 +15,7 @@ from greentext_dist.dist import DistEnv
 from greentext_dist.engines.base import EngineSpec, Traffic
 from greentext_dist.engines.ddp import LocalEngine
 from greentext_dist.errors import UserError
+from greentext_dist.lora import adapted, trainable_state
 from greentext_dist.model import apply_compile, build_model, pad_vocab, save_hf
 from greentext_dist.optim import build_optimizer
 
@@ -48,6 +49,8 @@ class FSDPEngine(LocalEngine):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         if self.module.config.tie_word_embeddings:  # one tensor under two names: DCP would write it twice
             model_sd.pop("lm_head.weight", None)
+        if adapted(self.module):  # LoRA: the frozen base is built from its source again on resume
+            model_sd = trainable_state(self.module, model_sd)
         return model_sd, optim_sd
 
     def save_state(self, folder: Path) -> None:
@@ -59,9 +62,10 @@ class FSDPEngine(LocalEngine):
         model_sd, optim_sd = self.state_dicts()
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(folder / "dcp"))
-        if self.module.config.tie_word_embeddings:
+        if self.module.config.tie_word_embeddings and "transformer.wte.weight" in state["model"]:
             state["model"]["lm_head.weight"] = state["model"]["transformer.wte.weight"]
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=not adapted(self.module)))
 
     def export_hf(self, folder: Path, max_shard_size: str) -> None:
         # Full state gathered to rank 0's CPU only (cpu_offload): no rank holds a second full copy on its GPU.
@@ -92,9 +96,9 @@ def states(s, gpus: int, precision: str, offload: bool, accumulating: bool) -> t
     keeps every gradient unsharded in fp32 (_fsdp_param.py: to_accumulated_grad_if_needed), on the GPU even with CPU
     offload: 4n per GPU, not 4n/G (XL on 8 GPUs: 5.1 GiB more). Counted on the real engine at world 8 and 64
     (tests/test_cluster.py, on torch's fake process group)."""
-    n, gathered = s.n_params, 2 * 2 * (s.largest_layer + s.block_params)
-    held = gathered + (0.0 if offload else 12 * n / gpus)
-    return held, 4 * n if accumulating else (0.0 if offload else 4 * n / gpus)
+    n, t, gathered = s.n_params, s.train_params, 2 * 2 * (s.largest_layer + s.block_params)
+    held = gathered + (0.0 if offload else (4 * n + 8 * t) / gpus)  # LoRA: moments of the adapter only
+    return held, 4 * t if accumulating else (0.0 if offload else 4 * t / gpus)
 
 
 def comm(s, gpus: int, accum: int, precision: str, offload: bool, reshard: bool) -> list[Traffic]:
@@ -109,7 +113,8 @@ def comm(s, gpus: int, accum: int, precision: str, offload: bool, reshard: bool)
     out = [Traffic("all_gather", "parameters, forward", width * s.n_params * accum, "forward", accum, width * root, units * accum)]
     if reshard:
         out.append(Traffic("all_gather", "parameters, backward", width * s.n_params * accum, "backward", accum, 0.0, units * accum))
-    out.append(Traffic("reduce_scatter", "gradients, fp32, last micro-batch", 4 * s.n_params, "backward", 1, 4 * root, units))
+    out.append(Traffic("reduce_scatter", "gradients, fp32, last micro-batch", 4 * s.train_params, "backward", 1,
+                       4 * root if s.trainable is None else 0.0, units))  # LoRA: the root (embeddings) is frozen
     return out
 
 

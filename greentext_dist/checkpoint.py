@@ -19,7 +19,8 @@ import torch
 
 from greentext_dist.dist import barrier
 from greentext_dist.errors import UserError
-from greentext_dist.files import MANIFEST, _fsync_dir, _in_parallel, _sha256, atomic_write_text, verify, write_manifest  # noqa: F401
+from greentext_dist.lora import ADAPTER
+from greentext_dist.files import MANIFEST, _fsync_dir, atomic_write_text, verify, write_manifest  # noqa: F401 (also read from here)
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def remove_partial_saves(root: Path) -> None:
     for name in [p.name for _, p in step_dirs(root)] + [m.group(1) for p in root.iterdir() if (m := re.match(r"^\.(?:tmp|del)-(step-\d+)$", p.name))]:
         _recover(root, name, root / f".tmp-{name}", root / f".del-{name}")
     _recover(root, "best", root / ".tmp-best", root / ".del-best")
-    for name in ("final", "adapter"):  # OUT/final and OUT/adapter, beside the checkpoints
+    for name in ("final", ADAPTER):  # OUT/final and OUT/adapter, beside the checkpoints
         _recover(root.parent, name, root.parent / f".tmp-{name}", root.parent / f".del-{name}")
     for p in root.glob(".rot-step-*"):  # a rotation that was interrupted: that checkpoint was being deleted anyway
         shutil.rmtree(p, ignore_errors=True)
@@ -254,6 +255,14 @@ def _recover(root: Path, name: str, tmp: Path, old: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _link_or_copy(src, dst) -> None:
+    """A hard link (no second copy of gigabytes of weights), or a copy where the file system has none."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def publish_final(ckpt: Path, dest: Path, extra: dict[str, str] | None = None) -> None:
     """OUT/final: the HF files of a checkpoint (hard links where possible), without training state, plus `extra`
     files (name -> text, e.g. the model card)."""
@@ -262,10 +271,7 @@ def publish_final(ckpt: Path, dest: Path, extra: dict[str, str] | None = None) -
     tmp.mkdir(parents=True)
     for p in ckpt.iterdir():
         if p.is_file() and p.name not in (MANIFEST, "best.json"):
-            try:
-                os.link(p, tmp / p.name)
-            except OSError:
-                shutil.copy2(p, tmp / p.name)
+            _link_or_copy(p, tmp / p.name)
     for name, text in (extra or {}).items():
         (tmp / name).write_text(text)
     write_manifest(tmp)
@@ -276,14 +282,7 @@ def publish_adapter(ckpt: Path, dest: Path) -> None:
     """OUT/adapter: a LoRA checkpoint's adapter (PEFT's files, hard links where possible), replaced as OUT/final is."""
     tmp = dest.with_name(f".tmp-{dest.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-
-    def link(src, dst):
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(ckpt / "adapter", tmp, copy_function=link)
+    shutil.copytree(ckpt / ADAPTER, tmp, copy_function=_link_or_copy)
     write_manifest(tmp)
     _replace_dir(tmp, dest)
 

@@ -87,8 +87,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-
-
 def derived(dest: Path, make, warn) -> Path:
     """`dest`, a folder made from other files by `make(folder)` and cached: made in a temporary folder beside it,
     given a manifest, then renamed into place, so a run killed halfway leaves nothing a later run trusts (the next

@@ -110,14 +110,10 @@ def load(ckpt: str, device: str | None = None):
     ckpt = shared_download(ckpt)
     dev = device or ("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     if base := adapter_base(ckpt):  # a LoRA adapter (OUT/adapter): its base with the adapter merged in
-        def load_base(name: str):
-            name = shared_download(name)
-            check_gpt2_dir(name, f"the base model of adapter {ckpt}")
-            return load_weights(name, dict(attn_implementation="sdpa"))
-
-        model = load_adapted(ckpt, load_base)
-        tok_dir = next((d for d in (Path(ckpt), Path(ckpt).parent / "final", Path(shared_download(base)))
-                        if (d / "tokenizer_config.json").exists()), None)
+        base = shared_download(base)
+        check_gpt2_dir(base, f"the base model of adapter {ckpt}")
+        model = load_adapted(ckpt, load_weights(base, dict(attn_implementation="sdpa")))
+        tok_dir = next((d for d in (Path(ckpt), Path(ckpt).parent / "final", Path(base)) if (d / "tokenizer_config.json").exists()), None)
     else:
         check_gpt2_dir(ckpt, "checkpoint")
         model = load_weights(ckpt, dict(attn_implementation="sdpa"))

@@ -135,8 +135,8 @@ def adapter_base(folder) -> str | None:
     return str(folder / base) if (folder / base).is_dir() else base
 
 
-def load_adapted(folder, load_base):
-    """A stock GPT-2 from an adapter folder: its base (`load_base(name)`), with the adapter merged in."""
+def load_adapted(folder, base_model):
+    """A stock GPT-2: `base_model` (the one adapter_base(folder) names) with the folder's adapter merged in."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_base(adapter_base(folder)), str(folder)).merge_and_unload()
+    return PeftModel.from_pretrained(base_model, str(folder)).merge_and_unload()

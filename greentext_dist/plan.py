@@ -140,6 +140,14 @@ def compute_mfu(model: str, gpu: str) -> tuple[float, str]:
     return base * (h.tflops / g.tflops) / slower, "scaled from the H200 by peak and memory bandwidth"
 
 
+def run_mfu(model: str, gpu: str, spec, compiled: bool) -> tuple[float, str]:
+    """(compute MFU, how it is known) for an engine: measured compiled; an engine that runs eager (DeepSpeed, or
+    --no-compile) at perf.GPU_MFU's eager share of it."""
+    base, source = compute_mfu(model, gpu)
+    eager = 1.0 if compiled and spec.compile_by_default else GPU_MFU["eager"] / GPU_MFU["compiled"]
+    return base * eager, source + ("" if eager == 1.0 else f", x{eager:.2f} eager")
+
+
 def gpu_type(name: str) -> str | None:
     """The GPUS key of a device name ("NVIDIA H100 80GB HBM3" -> "h100"), or None for a GPU the planner does not know."""
     return next((key for key in GPUS if key in name.lower()), None)
@@ -151,10 +159,8 @@ def predict_run(model: str, s: Shape, key: str, gpus: int, nodes: int, gpu_name:
     gpu = gpu_type(gpu_name)
     if gpu is None or gpus == 1:
         return None
-    spec, _ = spec_of(key)
-    eager = 1.0 if compiled and spec.compile_by_default else GPU_MFU["eager"] / GPU_MFU["compiled"]
-    t = time_step(s, key, cluster(gpu, gpus, nodes), tokens, accum, seq_len, checkpointing, compute_mfu(model, gpu)[0] * eager,
-                  GPUS[gpu].tflops, reshard, precision)
+    t = time_step(s, key, cluster(gpu, gpus, nodes), tokens, accum, seq_len, checkpointing,
+                  run_mfu(model, gpu, spec_of(key)[0], compiled)[0], GPUS[gpu].tflops, reshard, precision)
     return {"step_s": t["step_s"], "exposed_share": t["comm"]["exposed_s"] / t["step_s"], "tokens_per_s": tokens / t["step_s"],
             "comm_bytes": sum(t["comm"]["bytes"].values()), "gpu": gpu}
 
@@ -298,12 +304,7 @@ def plan_engine(model: str, engine: str, gpus: int, gpu_memory_gib: float | None
     gpu_memory_gib = gpu_memory_gib or card.memory_gib
     peak_tflops = peak_tflops or card.tflops
     spec, offload = spec_of(engine)
-    mfu_source = "--mfu" if mfu else compute_mfu(model, gpu)[1]
-    if not mfu:
-        # Measured compiled; an engine that runs eager (DeepSpeed, or --no-compile) at perf.GPU_MFU's eager share of it.
-        eager = 1.0 if compiled and spec.compile_by_default else GPU_MFU["eager"] / GPU_MFU["compiled"]
-        mfu = compute_mfu(model, gpu)[0] * eager
-        mfu_source += "" if eager == 1.0 else f", x{eager:.2f} eager"
+    mfu, mfu_source = (mfu, "--mfu") if mfu else run_mfu(model, gpu, spec, compiled)
     kept = 0.0 if reshard or spec.kept_gathered is None else spec.kept_gathered(s, "bf16")
     budget = gpu_memory_gib * GIB * headroom - kept
     row: dict = {"engine": engine.partition("_")[0], "offload": offload, "reshard_after_forward": reshard if spec.kept_gathered else None}

@@ -32,9 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from greentext_dist import attention, checkpoint as ckpt
-from greentext_dist.lora import ADAPTER
-from greentext_dist.config import lora_targets
-from greentext_dist.config import Config, as_keywords, check_shard_size, home, parse_args_with_sources, parse_mix, to_toml
+from greentext_dist.config import Config, as_keywords, check_shard_size, home, lora_targets, parse_args_with_sources, parse_mix, to_toml
 from greentext_dist.data import (
     Corpus, DataState, TrainData, TrainLoader, ValRows, cache_dir, corpus_of, hub_revisions, training_data, val_batches, val_corpus,
 )
@@ -43,6 +41,7 @@ from greentext_dist.dist import (
 )
 from greentext_dist.engines import ENGINES, Engine, EngineSpec, resolve_backend
 from greentext_dist.errors import UserError
+from greentext_dist.lora import ADAPTER
 from greentext_dist.loss import global_target_count, mean_token_loss, token_loss_sum
 from greentext_dist.metrics import MetricsLog
 from greentext_dist.model import check_matches_preset, hub_weights, init_kind, model_config, num_params, source_of, true_vocab
